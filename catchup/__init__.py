@@ -1,0 +1,1 @@
+"""catchup: Catch-up Mix and mixup baselines for timm CNNs."""
