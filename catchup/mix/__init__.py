@@ -1,0 +1,36 @@
+"""Mixing methods, one file each, behind one interface: ``build_mixer(name, model, num_classes, **options)``."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from catchup.errors import CatchupError
+from catchup.mix.catchup import CatchUpMix, catchup_mix, filter_influence
+from catchup.mix.input import CutMix, InputMixup
+from catchup.mix.manifold import ManifoldMixup, manifold_mix
+from catchup.mix.mixer import Mixer, NoMix
+from catchup.mix.moex import MoEx, moex
+from catchup.mix.plan import MixPlan, StageHooks
+
+MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (NoMix, InputMixup, CutMix, ManifoldMixup, MoEx, CatchUpMix)}
+
+
+def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, **options: Any) -> Mixer:
+    """The mixer called ``name`` (see ``MIXERS``) for ``model``; options are the Mixer arguments."""
+    cls = MIXERS.get(name)
+    if cls is None:
+        near = difflib.get_close_matches(name, MIXERS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise CatchupError(f"unknown mixing method {name!r}{hint} (known: {', '.join(MIXERS)})")
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise CatchupError(f"mixing method {name!r} takes no option {', '.join(map(repr, unknown))}")
+    return cls(model, num_classes=num_classes, **options)
+
+
+__all__ = ["MIXERS", "build_mixer", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
+           "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex"]

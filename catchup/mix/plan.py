@@ -1,0 +1,98 @@
+"""The contract between a mixer and the model: one MixPlan per training step, one hook per stage.
+
+The mixer samples a plan (layer k, lambda, partners) for the batch. For k == 0 it mixes the input itself;
+for k > 0 it arms StageHooks, whose forward hook on stage k hands the stage output to the method's
+feature-mixing function during that one training forward and then disarms. Every feature-level method
+shares this mechanism instead of editing each backbone's forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from catchup.errors import CatchupError
+from catchup.stages import Stage, unwrap_model
+
+
+@dataclass
+class MixPlan:
+    layer: int                 # 0 = input, k > 0 = stage k of the mixer's layer list
+    lam: float                 # the sampled mixing ratio
+    index: torch.Tensor        # LongTensor[B]: the partner of each sample
+    lam_eff: float             # the weight of the sample's own label in the soft target
+    extras: dict = field(default_factory=dict)  # method-specific tensors (e.g. Catch-up Mix's kept-channel count)
+
+    def to(self, device, non_blocking: bool = False) -> "MixPlan":
+        """Moves the tensors (Accelerate's send_to_device calls this when a plan travels with a batch)."""
+        move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return replace(self, index=move(self.index), extras={k: move(v) for k, v in self.extras.items()})
+
+
+FeatureMixFn = Callable[[torch.Tensor, MixPlan], torch.Tensor]
+
+
+class StageHooks:
+    """Forward hooks on the mixing stages; an armed plan fires once, in a training forward, at its layer.
+
+    Hooks never fire in ``eval()`` (the module's ``training`` flag is checked on every call) nor on a
+    ``deepcopy`` of the model (an EMA model), whose stage modules are other objects.
+    """
+
+    def __init__(self, model: nn.Module, stages: list[Stage], mix_fn: FeatureMixFn):
+        self.model = unwrap_model(model)
+        self.mix_fn = mix_fn
+        self.plan: MixPlan | None = None
+        modules = dict(self.model.named_modules())
+        self._handles = [
+            modules[s.module_name].register_forward_hook(self._make_hook(s.layer, modules[s.module_name]))
+            for s in stages if s.module_name is not None]
+
+    def _make_hook(self, layer: int, stage_module: nn.Module):
+        def hook(module: nn.Module, inputs, output):
+            plan = self.plan
+            # `deepcopy` (an EMA model) copies the hook closure by reference: the identity check keeps
+            # the copy's stage modules from consuming this model's plan.
+            if plan is None or plan.layer != layer or not module.training or module is not stage_module:
+                return None
+            # Disarm first: at most one application per forward. (No counters here: under torch.compile
+            # every Python value read in a hook becomes a guard, and a changing one recompiles each step.)
+            self.plan = None
+            if not isinstance(output, torch.Tensor):
+                raise CatchupError(f"mixing layer {layer} outputs {type(output).__name__}, not a feature map")
+            # Returning a new tensor replaces the module output; many stage modules end in in-place
+            # ReLUs, so the mixing functions never write into `output`.
+            return self.mix_fn(output, plan)
+        return hook
+
+    def arm(self, plan: MixPlan | None) -> None:
+        if plan is not None and plan.layer > 0 and getattr(self.model, "grad_checkpointing", False):
+            raise CatchupError(
+                "gradient checkpointing bypasses the stage modules, so feature-level mixing cannot run; "
+                "turn one of them off")
+        self.plan = plan if plan is not None and plan.layer > 0 else None
+
+    def disarm(self) -> None:
+        self.plan = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.plan = None
+
+
+def smooth_one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Label-smoothed one-hot rows, timm's convention: off = s/N, on = 1 - s + s/N."""
+    off = smoothing / num_classes
+    out = torch.full((target.shape[0], num_classes), off, device=target.device, dtype=torch.float32)
+    return out.scatter_(1, target.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def mixed_target(target: torch.Tensor, index: torch.Tensor, weight: float, num_classes: int,
+                 smoothing: float = 0.0) -> torch.Tensor:
+    """``weight * y + (1 - weight) * y[index]`` on smoothed one-hot rows (each row sums to one)."""
+    y = smooth_one_hot(target, num_classes, smoothing)
+    return y * weight + y[index.to(y.device)] * (1.0 - weight)
