@@ -83,6 +83,7 @@ class Mixer:
         self.num_classes, self.cutmix_alpha, self.cutmix_minmax = num_classes, float(cutmix_alpha), cutmix_minmax
         self.prob, self.label_smoothing, self.correct_lam = prob, label_smoothing, correct_lam
         self.label_lam = label_lam
+        self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
         self.rng = np.random.default_rng(seed)
         self.enabled = True    # the mixup_off_epoch switch: False -> plain (smoothed) one-hot targets
         self.stages = self._resolve_stages(model, layers, input_size)
@@ -134,6 +135,10 @@ class Mixer:
             lam = float(self.rng.beta(alpha, alpha))
             return MixPlan(layer=0, lam=lam, index=index, lam_eff=lam)
         return self.feature_plan(stage, index)
+
+    def auxiliary_loss(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """An extra loss term a method adds after the forward (e.g. a consistency term); None for most."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state, "enabled": self.enabled}
