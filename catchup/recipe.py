@@ -1,0 +1,144 @@
+"""From a recipe to the objects train.py wires together: accelerator, loaders, optimizer, scheduler, loss, mixer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from catchup.config import TrainConfig
+from catchup.errors import CatchupError
+from catchup.mix import Mixer, build_mixer
+
+
+def make_accelerator(cfg: TrainConfig, wandb_mode: str) -> Accelerator:
+    """Mixed precision comes from `accelerate launch --mixed_precision`; the sampler is seedable for exact resume."""
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="wandb" if wandb_mode != "disabled" else None,
+        project_dir=cfg.output,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False)
+
+
+def per_device_batch(cfg: TrainConfig, num_processes: int) -> int:
+    """``batch_size`` is global: split over processes and accumulation steps."""
+    parts = num_processes * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        raise CatchupError(f"batch_size {cfg.batch_size} does not split evenly over {num_processes} processes x "
+                           f"{cfg.grad_accum_steps} accumulation steps")
+    return cfg.batch_size // parts
+
+
+class EpochSeeded(Dataset):
+    """Seeds the augmentation of item i in epoch e from (seed, e, i).
+
+    An item's random crop or flip then depends neither on which worker loads it, nor on how many items were
+    loaded before (the loader prefetches ahead of the step that a checkpoint records), so a run resumed
+    mid-epoch draws the same augmentations as one never stopped. Only the CPU generator is touched, and in
+    the main process its state is put back, so the rest of the program's random stream is unchanged.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        generator = torch.random.default_generator
+        saved = generator.get_state() if get_worker_info() is None else None
+        generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                generator.set_state(saved)
+
+
+def make_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset, num_processes: int
+                 ) -> tuple[DataLoader, DataLoader]:
+    batch = per_device_batch(cfg, num_processes)
+    eval_batch = max(1, (cfg.eval_batch_size or cfg.batch_size) // num_processes)
+    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=False)   # workers restart each epoch and pick up the epoch's seed
+    # drop_last: a final batch of one sample would break BatchNorm in training.
+    # A private generator: the worker base seed drawn at each iter() must not consume the global RNG,
+    # whose checkpointed state a resumed run relies on.
+    train = DataLoader(EpochSeeded(train_set, cfg.seed), batch_size=batch, shuffle=True, drop_last=True,
+                       generator=torch.Generator().manual_seed(cfg.seed), **common)
+    if len(train) == 0:
+        raise CatchupError(f"the training set has {len(train_set)} samples, fewer than one batch of {batch} "
+                           "per process; lower batch_size")
+    evaluation = DataLoader(eval_set, batch_size=eval_batch, shuffle=False, **common)
+    return train, evaluation
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise CatchupError(f"cannot create optimizer {cfg.opt!r}: {err}") from None
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """A timm scheduler stepped per optimizer update (``step_update``), or None for a constant lr."""
+    if cfg.sched == "none":
+        return None
+    kwargs: dict[str, Any] = dict(sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                  warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
+                                  step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    if cfg.sched in ("multistep", "step"):
+        if not cfg.decay_milestones:
+            raise CatchupError(f"sched: {cfg.sched} needs decay_milestones (epochs; 'step' decays every "
+                               "decay_milestones[0] epochs)")
+        kwargs["decay_milestones"] = list(cfg.decay_milestones)
+        kwargs["decay_epochs"] = cfg.decay_milestones[0]
+    scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
+    return scheduler
+
+
+def make_criterion(cfg: TrainConfig) -> nn.Module:
+    """Every mixer returns soft targets (smoothing included), so one loss serves all methods."""
+    return BinaryCrossEntropy(smoothing=0.0) if cfg.bce_loss else SoftTargetCrossEntropy()
+
+
+def make_mixer(cfg: TrainConfig, model: nn.Module, num_classes: int, process_index: int,
+               input_size: tuple[int, int, int]) -> Mixer:
+    options: dict[str, Any] = dict(prob=cfg.mix_prob, cutmix_alpha=cfg.cutmix_alpha, cutmix_minmax=cfg.cutmix_minmax,
+                                   label_smoothing=cfg.smoothing, layers=cfg.mix_layers,
+                                   layer_weights=cfg.mix_layer_weights, label_lam=cfg.label_lam,
+                                   seed=cfg.seed * 1000 + process_index, input_size=input_size)
+    if cfg.mix_alpha is not None:
+        options["alpha"] = cfg.mix_alpha
+    options.update(cfg.mix_kwargs)
+    return build_mixer(cfg.mix, model, num_classes=num_classes, **options)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> online when W&B credentials are present, else offline (never blocks on a login prompt)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    netrc = Path.home() / ".netrc"
+    if not has_key and netrc.exists():
+        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if has_key else "offline"
+
+
+def wandb_init_kwargs(cfg: TrainConfig, output: Path, run_id: str) -> dict[str, Any]:
+    return {"id": run_id, "resume": "allow", "name": cfg.wandb_name or output.name, "entity": cfg.wandb_entity,
+            "tags": list(cfg.wandb_tags), "dir": str(output)}

@@ -1,0 +1,171 @@
+"""A run folder: the resolved recipe, atomic rotated checkpoints, final weights, and loading a run back.
+
+    <output>/config.yaml              resolved recipe (rerun with --config)
+    <output>/summary.csv              one row per epoch
+    <output>/checkpoints/step_%08d/   Accelerate states, renamed into place only once complete
+    <output>/checkpoints/latest       name of the newest complete checkpoint
+    <output>/model.safetensors        final weights, loadable by timm (`timm.models.load_checkpoint`)
+    <output>/model_ema.safetensors    final EMA weights (when model_ema is on)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import catchup.models  # noqa: F401  (registers the CIFAR models with timm)
+from catchup.config import TrainConfig, load_config
+from catchup.data import DataInfo, build_datasets
+from catchup.errors import CatchupError
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS = {"final": "model.safetensors", "ema": "model_ema.safetensors"}
+
+
+def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
+    """The timm model a recipe names, sized for the dataset (classes, channels)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    num_classes = cfg.num_classes or info.num_classes
+    if num_classes != info.num_classes:
+        raise CatchupError(f"num_classes is {cfg.num_classes} but dataset {cfg.dataset!r} has {info.num_classes}")
+    try:
+        return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 in_chans=info.in_chans, drop_rate=cfg.drop_rate, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise CatchupError(f"unknown model {cfg.model!r}: not a timm model nor one of catchup.models") from None
+        raise CatchupError(f"cannot build model {cfg.model!r}: {str(err).splitlines()[0]}") from None
+    except TypeError as err:
+        raise CatchupError(f"model {cfg.model!r} does not accept these model_kwargs: {err}") from None
+
+
+def prepare_output(output: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse to start a new run over an existing one unless asked; ``--overwrite`` moves the old run aside."""
+    out = Path(output)
+    holds_run = (out / "config.yaml").exists() or (out / CHECKPOINTS).exists()
+    if resume:
+        if not holds_run:
+            raise CatchupError(f"--resume: {out} holds no run to resume")
+        return out
+    if holds_run:
+        if not overwrite:
+            raise CatchupError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                               "over (the old run is moved aside), or choose another --output")
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"moved the previous run to {aside}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    return output / CHECKPOINTS / f"step_{step:08d}"
+
+
+def staging_dir(output: Path, step: int) -> Path:
+    return output / CHECKPOINTS / f".incomplete-step_{step:08d}"
+
+
+def publish_checkpoint(output: Path, step: int, keep: int) -> Path:
+    """Rename a fully written staging folder into place, point ``latest`` at it, drop the oldest ones.
+
+    Called on the main process after every process finished writing: a crash at any moment leaves
+    ``latest`` naming a complete checkpoint.
+    """
+    final = checkpoint_dir(output, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging_dir(output, step), final)
+    _write_atomic(output / CHECKPOINTS / "latest", final.name + "\n")
+    done = sorted(p for p in (output / CHECKPOINTS).glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in (output / CHECKPOINTS).glob(".incomplete-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    pointer = output / CHECKPOINTS / "latest"
+    if not pointer.exists():
+        return None
+    path = output / CHECKPOINTS / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def resolve_resume(output: Path, resume: str | bool) -> Path:
+    """``--resume`` (latest in output) or ``--resume PATH`` (a checkpoint folder) -> checkpoint folder."""
+    path = latest_checkpoint(output) if resume is True else Path(resume)
+    if path is None or not path.is_dir():
+        raise CatchupError(f"no checkpoint to resume from in {output / CHECKPOINTS}" if resume is True
+                           else f"--resume: {resume} is not a checkpoint folder")
+    if not (path / "train_progress.pt").exists() and not any(path.glob("custom_checkpoint_*")):
+        raise CatchupError(f"--resume: {path} is not a complete catchup checkpoint")
+    return path
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """timm-loadable safetensors, written to a temporary name and renamed."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    if not path.exists():
+        raise CatchupError(f"weights file {path} does not exist (did the run finish?)")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise CatchupError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}")
+        raise CatchupError(f"weights {path} do not fit model {type(model).__name__} of the run's config: {detail}")
+    model.load_state_dict(state)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: TrainConfig
+    info: DataInfo
+    model: nn.Module        # in eval mode, on the requested device
+    weights: str            # 'final' or 'ema'
+
+
+def load_run(run_dir: str | Path, weights: str = "final", device: str | torch.device = "cpu",
+             data_dir: str | None = None) -> LoadedRun:
+    """A finished run's model with its final (or EMA) weights, the recipe it was trained with, and its data info."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CatchupError(f"no such run folder: {run}")
+    if weights not in WEIGHTS:
+        raise CatchupError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if not (run / "config.yaml").exists():
+        raise CatchupError(f"{run} has no config.yaml: not a catchup run folder")
+    cfg = load_config(run / "config.yaml", {"data_dir": data_dir} if data_dir else ())
+    _, _, info = build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size, train_transform=False)
+    model = build_model(cfg, info)
+    load_weights(model, run / WEIGHTS[weights])
+    return LoadedRun(run, cfg, info, model.to(device).eval(), weights)

@@ -1,0 +1,55 @@
+"""Shared test helpers: running train.py in-process and reading W&B offline run files."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+
+TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-size", "32", "--epochs", "2",
+        "--wandb-mode", "disabled", "--workers", "0", "--log-every", "2", "--eval-every", "1"]
+
+
+def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml") -> None:
+    """train.main in this process, with Accelerate's process-wide state reset before and after."""
+    import train
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        train.main(["--config", config, "--output", str(output), *TINY, *extra])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a `.wandb` run file.
+
+    W&B no longer ships a Python reader for its transaction log; the format is LevelDB's log: a 7-byte
+    header, then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2
+    raw, pos, block, pending = path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            pos += left - 7
+            continue
+        pending += raw[pos:pos + length]
+        pos += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record

@@ -1,0 +1,196 @@
+"""Train a timm CNN with Catch-up Mix or a mixup baseline.
+
+    accelerate launch train.py --config configs/quickstart.yaml [--lr 0.05 --mix none ...]
+    accelerate launch train.py --config configs/quickstart.yaml --resume            # latest checkpoint
+    accelerate launch train.py --config configs/x.yaml --resume runs/x/checkpoints/step_00001000
+
+Every recipe key can be overridden on the command line (`--key value`, dashes or underscores).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from timm.utils import ModelEmaV3
+
+from catchup.config import config_to_dict, dump_config, load_config
+from catchup.data import build_datasets
+from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
+from catchup.errors import CatchupError
+from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
+                            make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
+from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_weights,
+                          staging_dir)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("-c", "--config", required=True, help="recipe YAML (configs/...)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="continue the run in --output from its latest checkpoint, or from PATH")
+    parser.add_argument("--overwrite", action="store_true", help="start over; the existing run is moved aside")
+    return parser.parse_known_args(argv)
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
+    accelerator = make_accelerator(cfg, wandb_mode)
+    main_process = accelerator.is_main_process
+    output = Path(cfg.output)
+    if main_process:
+        prepare_output(output, resume=bool(args.resume), overwrite=args.overwrite)
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    set_seed(cfg.seed, device_specific=True)
+
+    # data, model, mixer
+    train_set, eval_set, info = build_datasets(cfg.dataset, cfg.data_dir, train_fraction=cfg.train_fraction,
+                                               seed=cfg.seed, download=cfg.download, input_size=cfg.input_size)
+    model = build_model(cfg, info)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    num_classes = cfg.num_classes or info.num_classes
+    input_size = (info.in_chans, info.input_size, info.input_size)
+    mixer = make_mixer(cfg, model, num_classes, accelerator.process_index, input_size)
+    train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
+    optimizer = make_optimizer(cfg, model)
+    if cfg.torchcompile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
+    progress = TrainProgress()
+    for obj in (progress, mixer, scheduler, ema):   # same order on save and load
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
+    elif main_process:
+        dump_config(cfg, output / "config.yaml")
+
+    # tracking
+    if wandb_mode != "disabled":
+        os.environ["WANDB_MODE"] = wandb_mode
+        run_id = _wandb_run_id(output) if main_process else ""
+        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+                                  init_kwargs={"wandb": wandb_init_kwargs(cfg, output, run_id)})
+    accelerator.print(f"{cfg.model} on {cfg.dataset} with mix={cfg.mix}: {accelerator.num_processes} process(es), "
+                      f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+                      f"{steps_per_epoch} steps/epoch, output {output}")
+
+    def log(values: dict, step: int) -> None:
+        if wandb_mode != "disabled":
+            accelerator.log(values, step=step)
+
+    def checkpoint() -> None:
+        staging = staging_dir(output, progress.global_step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if main_process:
+            publish_checkpoint(output, progress.global_step, cfg.checkpoint_keep)
+        accelerator.wait_for_everyone()
+
+    options = StepOptions(clip_grad=cfg.clip_grad, channels_last=cfg.channels_last, log_every=cfg.log_every,
+                          max_steps=cfg.max_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
+    criterion = make_criterion(cfg)
+    try:
+        while progress.epoch < cfg.epochs and not _reached(cfg.max_steps, progress):
+            epoch = progress.epoch
+            mixer.enabled = not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch)
+            train_loader.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
+            loader = train_loader
+            if progress.step_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
+            stats = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
+                                    options, ema=ema, log=log, checkpoint=checkpoint,
+                                    batches_per_epoch=len(train_loader))
+            if progress.step_in_epoch < steps_per_epoch:      # stopped by max_steps inside the epoch
+                checkpoint()
+                break
+            row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                row.update({f"eval_{k}": v for k, v in evaluate(model, eval_loader, accelerator,
+                                                                 cfg.channels_last).items()})
+                if ema is not None:
+                    row.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, accelerator,
+                                                                    cfg.channels_last).items()})
+            progress.history.append(row)
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()}, progress.global_step)
+            accelerator.print(_epoch_line(row))
+            if main_process:
+                _write_summary(output, progress.history)
+            checkpoint()
+    finally:
+        accelerator.end_training()
+    if main_process:
+        save_weights(accelerator.unwrap_model(model), output / "model.safetensors")
+        if ema is not None:
+            save_weights(ema.module, output / "model_ema.safetensors")
+        results = {**summarize_top1(progress.history), "epochs_done": progress.epoch, "steps": progress.global_step}
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        accelerator.print(f"done: {json.dumps(results)}; weights in {output / 'model.safetensors'}")
+
+
+def _reached(max_steps: int, progress: TrainProgress) -> bool:
+    return bool(max_steps) and progress.global_step >= max_steps
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"{row['images_per_s']:.0f} img/s"]
+    if "eval_top1" in row:
+        parts.append(f"top-1 {row['eval_top1']:.2f}%")
+    if "ema_top1" in row:
+        parts.append(f"EMA top-1 {row['ema_top1']:.2f}%")
+    return " | ".join(parts)
+
+
+def _write_summary(output: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    tmp = output / "summary.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, output / "summary.csv")
+
+
+def _wandb_run_id(output: Path) -> str:
+    """The W&B run id is kept in the output folder so a resumed run continues the same W&B run."""
+    path = output / "wandb_run_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+if __name__ == "__main__":
+    started = time.time()
+    try:
+        main()
+    except CatchupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:   # a CatchupError raised in a DataLoader worker arrives re-wrapped
+        if "CatchupError" in str(err):
+            print(f"error: {str(err).strip().splitlines()[-1].split('CatchupError: ')[-1]}", file=sys.stderr)
+            sys.exit(2)
+        raise
