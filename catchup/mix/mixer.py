@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 from catchup.errors import CatchupError
 from catchup.mix.plan import MixPlan, StageHooks, mixed_target, smooth_one_hot
@@ -84,7 +84,8 @@ class Mixer:
         self.prob, self.label_smoothing, self.correct_lam = prob, label_smoothing, correct_lam
         self.label_lam = label_lam
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.calls = seed, 0
+        self.rng = np.random.default_rng([seed, 0])
         self.enabled = True    # the mixup_off_epoch switch: False -> plain (smoothed) one-hot targets
         self.stages = self._resolve_stages(model, layers, input_size)
         self.layer_weights = _normalized_weights(layer_weights, len(self.stages))
@@ -103,6 +104,11 @@ class Mixer:
         if x.dim() != 4 or target.dim() != 1 or x.shape[0] != target.shape[0]:
             raise CatchupError(f"mixer expects x [B, C, H, W] and target [B], got {tuple(x.shape)} and "
                                f"{tuple(target.shape)}")
+        # Each batch draws from its own stream, seeded by (seed, batch number): the state to checkpoint is one
+        # counter, the same on every process (Accelerate saves custom state from the main process only).
+        worker = get_worker_info()   # collate in a DataLoader worker: each worker copy needs its own streams
+        self.rng = np.random.default_rng([self.seed, self.calls] + ([worker.seed] if worker is not None else []))
+        self.calls += 1
         plan = self.sample_plan(x) if self.enabled else None
         if plan is None:
             return x, smooth_one_hot(target, self.num_classes, self.label_smoothing), None
@@ -141,10 +147,10 @@ class Mixer:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "enabled": self.enabled}
+        return {"calls": self.calls, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        self.calls = int(state["calls"])
         self.enabled = bool(state["enabled"])
 
     def remove(self) -> None:
