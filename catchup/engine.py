@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             x, soft = mixer(x, y)
-            plan = mixer.hooks.plan if mixer.hooks is not None else None
+            plan = mixer.last_plan
             out = model(x)
             loss = criterion(out, soft)
             aux = mixer.auxiliary_loss(out)
@@ -81,7 +81,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
                 accelerator.clip_grad_norm_(model.parameters(), options.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        layer = plan.layer if plan is not None else 0
+        layer = plan.layer if plan is not None else -1     # -1: this batch was not mixed
         layer_counts[layer] = layer_counts.get(layer, 0) + 1
         detached = loss.detach()
         bad |= ~torch.isfinite(detached)
@@ -105,7 +105,8 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
                 elapsed = time.perf_counter() - start
                 log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
                      "train/images_per_s": seen * accelerator.num_processes / max(elapsed, 1e-9),
-                     "mix/layer": layer, "mix/lam_eff": _lam_eff(mixer, plan)}, progress.global_step)
+                     "mix/layer": layer, "mix/lam_eff": plan.lam_eff if plan is not None else 1.0},
+                    progress.global_step)
         if checkpoint is not None and options.checkpoint_every_steps and \
                 progress.global_step % options.checkpoint_every_steps == 0:
             _check_finite(bad, progress)
@@ -121,10 +122,6 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
     for layer, count in sorted(layer_counts.items()):
         result[f"mix_layer_share/{layer}"] = count / steps
     return result
-
-
-def _lam_eff(mixer: Mixer, plan) -> float:
-    return float(plan.lam_eff) if plan is not None else float("nan")
 
 
 def _check_finite(bad: torch.Tensor, progress: TrainProgress) -> None:

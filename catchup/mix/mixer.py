@@ -85,6 +85,7 @@ class Mixer:
         self.label_lam = label_lam
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
         self.seed, self.calls = seed, 0
+        self.last_plan: MixPlan | None = None
         self.rng = np.random.default_rng([seed, 0])
         self.enabled = True    # the mixup_off_epoch switch: False -> plain (smoothed) one-hot targets
         self.stages = self._resolve_stages(model, layers, input_size)
@@ -110,6 +111,7 @@ class Mixer:
         self.rng = np.random.default_rng([self.seed, self.calls] + ([worker.seed] if worker is not None else []))
         self.calls += 1
         plan = self.sample_plan(x) if self.enabled else None
+        self.last_plan = plan   # for statistics (layer, label weight) in the training loop
         if plan is None:
             return x, smooth_one_hot(target, self.num_classes, self.label_smoothing), None
         if plan.layer == 0:
