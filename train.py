@@ -27,8 +27,8 @@ from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1,
 from catchup.errors import CatchupError
 from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
                             make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
-from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_weights,
-                          staging_dir)
+from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_data_info,
+                          save_weights, staging_dir)
 
 
 def parse_args(argv):
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
         accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
     elif main_process:
         dump_config(cfg, output / "config.yaml")
+        save_data_info(output, info)
 
     # tracking
     if wandb_mode != "disabled":

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -108,7 +110,7 @@ def resolve_resume(output: Path, resume: str | bool) -> Path:
     if path is None or not path.is_dir():
         raise CatchupError(f"no checkpoint to resume from in {output / CHECKPOINTS}" if resume is True
                            else f"--resume: {resume} is not a checkpoint folder")
-    if not (path / "train_progress.pt").exists() and not any(path.glob("custom_checkpoint_*")):
+    if not (path / "custom_checkpoint_0.pkl").exists():
         raise CatchupError(f"--resume: {path} is not a complete catchup checkpoint")
     return path
 
@@ -139,6 +141,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def save_data_info(output: Path, info: DataInfo) -> None:
+    """What the model was built for (classes, channels, size, normalisation), so loading a run needs no data."""
+    _write_atomic(output / "data_info.json", json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+
+
+def load_data_info(run: Path) -> DataInfo | None:
+    path = run / "data_info.json"
+    if not path.exists():
+        return None
+    fields = json.loads(path.read_text())
+    return DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -165,7 +180,8 @@ def load_run(run_dir: str | Path, weights: str = "final", device: str | torch.de
     if not (run / "config.yaml").exists():
         raise CatchupError(f"{run} has no config.yaml: not a catchup run folder")
     cfg = load_config(run / "config.yaml", {"data_dir": data_dir} if data_dir else ())
-    _, _, info = build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size, train_transform=False)
+    info = load_data_info(run) or build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size,
+                                                  train_transform=False)[2]
     model = build_model(cfg, info)
     load_weights(model, run / WEIGHTS[weights])
     return LoadedRun(run, cfg, info, model.to(device).eval(), weights)

@@ -12,7 +12,7 @@ import torch
 
 import catchup.models  # noqa: F401
 from catchup import CatchupError
-from catchup.runs import latest_checkpoint
+from catchup.runs import latest_checkpoint, load_run
 from tests.helpers import load_safetensors, run_train, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,8 @@ def test_two_epochs_with_each_method(tmp_path, method):
     timm.models.load_checkpoint(model, str(out / "model.safetensors"))
     saved = load_safetensors(out / "model.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    loaded = load_run(out)          # from config.yaml + data_info.json, without touching the data
+    assert loaded.info.num_classes == 10 and loaded.info.in_chans == 1 and not loaded.model.training
 
 
 @pytest.mark.parametrize("workers", [0, 2])
