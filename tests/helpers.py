@@ -10,14 +10,15 @@ TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-siz
         "--wandb-mode", "disabled", "--workers", "0", "--log-every", "2", "--eval-every", "1"]
 
 
-def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml") -> None:
-    """train.main in this process, with Accelerate's process-wide state reset before and after."""
+def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml", tiny: bool = True) -> None:
+    """train.main in this process (with the TINY overrides unless ``tiny=False``); Accelerate's process-wide
+    state is reset before and after."""
     import train
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        train.main(["--config", config, "--output", str(output), *TINY, *extra])
+        train.main(["--config", config, "--output", str(output), *(TINY if tiny else ()), *extra])
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()

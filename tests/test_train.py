@@ -135,3 +135,22 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            folder = tmp_path / "imagenet" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG")
+    out = tmp_path / "r50"
+    run_train(out, "--data-dir", str(tmp_path / "imagenet"), "--input-size", "32", "--batch-size", "4",
+              "--eval-batch-size", "4", "--max-steps", "2", "--workers", "0", "--wandb-mode", "disabled",
+              config="configs/imagenet/resnet50_catchup_300ep.yaml", tiny=False)
+    assert latest_checkpoint(out).name == "step_00000002"
+    cfg = (out / "config.yaml").read_text()
+    assert "opt: lamb" in cfg and "bce_loss: true" in cfg and "channels_last: true" in cfg
