@@ -12,8 +12,6 @@ import argparse
 import csv
 import json
 import os
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,8 +21,8 @@ from timm.utils import ModelEmaV3
 
 from catchup.config import config_to_dict, dump_config, load_config
 from catchup.data import build_datasets
+from catchup.cli import run_cli
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
-from catchup.errors import CatchupError
 from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
                             make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
 from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_data_info,
@@ -181,17 +179,4 @@ def _wandb_run_id(output: Path) -> str:
 
 
 if __name__ == "__main__":
-    started = time.time()
-    try:
-        main()
-    except CatchupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:   # a CatchupError raised in a DataLoader worker arrives re-wrapped
-        if "CatchupError" in str(err):
-            print(f"error: {str(err).strip().splitlines()[-1].split('CatchupError: ')[-1]}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    run_cli(main, interrupted="interrupted: the last complete checkpoint is kept; continue with --resume")

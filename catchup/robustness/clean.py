@@ -43,7 +43,6 @@ def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int
     inner_edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
     # right=False: a confidence equal to an edge belongs to the bin that edge closes, i.e. bins are (lo, hi]
     bins = torch.bucketize(conf, inner_edges, right=False)
-    count = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     hit_sum = torch.bincount(bins, weights=hit, minlength=n_bins)
     gap = (hit_sum - conf_sum).abs()  # = count * |acc_b - conf_b|
