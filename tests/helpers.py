@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -29,12 +30,23 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def wandb_records(path: Path):
-    """The protobuf records of a `.wandb` run file.
+def wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The protobuf records of a `.wandb` run file, once its closing 'exit' record is there.
 
-    W&B no longer ships a Python reader for its transaction log; the format is LevelDB's log: a 7-byte
-    header, then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    W&B's core process may still be writing the file when `finish()` returns on a busy machine, so the file
+    is read again until the run's exit record appears (or the timeout passes).
     """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_read_wandb_log(path))
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _read_wandb_log(path: Path):
+    """W&B no longer ships a Python reader for its transaction log; the format is LevelDB's log: a 7-byte
+    header, then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
     raw, pos, block, pending = path.read_bytes(), 7, 32768, b""
     while pos + 7 <= len(raw):

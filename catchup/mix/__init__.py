@@ -8,14 +8,22 @@ from typing import Any
 from torch import nn
 
 from catchup.errors import CatchupError
+from catchup.mix.alignmix import AlignMix
 from catchup.mix.catchup import CatchUpMix, catchup_mix, filter_influence
 from catchup.mix.input import CutMix, InputMixup
 from catchup.mix.manifold import ManifoldMixup, manifold_mix
 from catchup.mix.mixer import Mixer, NoMix
 from catchup.mix.moex import MoEx, moex
 from catchup.mix.plan import MixPlan, StageHooks
+from catchup.mix.puzzlemix import PuzzleMix
+from catchup.mix.recursivemix import RecursiveMix
+from catchup.mix.resizemix import ResizeMix
+from catchup.mix.saliencymix import SaliencyMix
+from catchup.mix.snapmix import SnapMix
 
-MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (NoMix, InputMixup, CutMix, ManifoldMixup, MoEx, CatchUpMix)}
+MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (
+    NoMix, InputMixup, CutMix, ManifoldMixup, MoEx, CatchUpMix,
+    SaliencyMix, ResizeMix, SnapMix, AlignMix, RecursiveMix, PuzzleMix)}
 
 
 def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, **options: Any) -> Mixer:
@@ -33,4 +41,5 @@ def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, 
 
 
 __all__ = ["MIXERS", "build_mixer", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
-           "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex"]
+           "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex",
+           "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix"]
