@@ -57,9 +57,7 @@ def main(argv=None) -> None:
     model = build_model(cfg, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    num_classes = cfg.num_classes or info.num_classes
-    input_size = (info.in_chans, info.input_size, info.input_size)
-    mixer = make_mixer(cfg, model, num_classes, accelerator.process_index, input_size)
+    mixer = make_mixer(cfg, model, info, accelerator.process_index)
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model)
     if cfg.torchcompile:

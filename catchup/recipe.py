@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from catchup.config import TrainConfig
 from catchup.errors import CatchupError
-from catchup.mix import Mixer, build_mixer
+from catchup.data import DataInfo
+from catchup.mix import Mixer, build_mixer, mixer_options
 
 
 def make_accelerator(cfg: TrainConfig, wandb_mode: str) -> Accelerator:
@@ -114,16 +115,18 @@ def make_criterion(cfg: TrainConfig) -> nn.Module:
     return BinaryCrossEntropy(smoothing=0.0) if cfg.bce_loss else SoftTargetCrossEntropy()
 
 
-def make_mixer(cfg: TrainConfig, model: nn.Module, num_classes: int, process_index: int,
-               input_size: tuple[int, int, int]) -> Mixer:
+def make_mixer(cfg: TrainConfig, model: nn.Module, info: DataInfo, process_index: int) -> Mixer:
+    input_size = (info.in_chans, info.input_size, info.input_size)
     options: dict[str, Any] = dict(prob=cfg.mix_prob, cutmix_alpha=cfg.cutmix_alpha, cutmix_minmax=cfg.cutmix_minmax,
                                    label_smoothing=cfg.smoothing, layers=cfg.mix_layers,
                                    layer_weights=cfg.mix_layer_weights, label_lam=cfg.label_lam,
                                    seed=cfg.seed * 1000 + process_index, input_size=input_size)
     if cfg.mix_alpha is not None:
         options["alpha"] = cfg.mix_alpha
+    if {"mean", "std"} <= mixer_options(cfg.mix):    # methods that work in pixel space (PuzzleMix)
+        options.update(mean=info.mean, std=info.std)
     options.update(cfg.mix_kwargs)
-    return build_mixer(cfg.mix, model, num_classes=num_classes, **options)
+    return build_mixer(cfg.mix, model, num_classes=cfg.num_classes or info.num_classes, **options)
 
 
 def resolve_wandb_mode(mode: str) -> str:

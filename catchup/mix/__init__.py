@@ -26,20 +26,29 @@ MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (
     SaliencyMix, ResizeMix, SnapMix, AlignMix, RecursiveMix, PuzzleMix)}
 
 
+def mixer_options(name: str) -> set[str]:
+    """The keyword options method ``name`` accepts (its own and the base Mixer's)."""
+    cls = _method(name)
+    return {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+
+
 def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, **options: Any) -> Mixer:
     """The mixer called ``name`` (see ``MIXERS``) for ``model``; options are the Mixer arguments."""
-    cls = MIXERS.get(name)
-    if cls is None:
-        near = difflib.get_close_matches(name, MIXERS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise CatchupError(f"unknown mixing method {name!r}{hint} (known: {', '.join(MIXERS)})")
-    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
-    unknown = sorted(set(options) - accepted)
+    cls = _method(name)
+    unknown = sorted(set(options) - mixer_options(name))
     if unknown:
         raise CatchupError(f"mixing method {name!r} takes no option {', '.join(map(repr, unknown))}")
     return cls(model, num_classes=num_classes, **options)
 
 
-__all__ = ["MIXERS", "build_mixer", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
+__all__ = ["MIXERS", "build_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
            "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex",
            "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix"]
+
+
+def _method(name: str) -> type[Mixer]:
+    if name not in MIXERS:
+        near = difflib.get_close_matches(name, MIXERS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise CatchupError(f"unknown mixing method {name!r}{hint} (known: {', '.join(MIXERS)})")
+    return MIXERS[name]
