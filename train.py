@@ -21,6 +21,7 @@ from timm.utils import ModelEmaV3
 
 from catchup.config import config_to_dict, dump_config, load_config
 from catchup.data import build_datasets
+from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
 from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
@@ -58,6 +59,8 @@ def main(argv=None) -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mixer = make_mixer(cfg, model, info, accelerator.process_index)
+    # after the mixer (so it measures the mixed maps), before compile and prepare
+    tracker = FilterNormTracker(model, every=cfg.track_filters_every) if cfg.track_filters else None
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model)
     if cfg.torchcompile:
@@ -73,6 +76,8 @@ def main(argv=None) -> None:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
+        if tracker is not None and (output / FILTER_NORMS).exists():
+            tracker.load(output / FILTER_NORMS)
     elif main_process:
         dump_config(cfg, output / "config.yaml")
         save_data_info(output, info)
@@ -97,6 +102,8 @@ def main(argv=None) -> None:
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if main_process:
+            if tracker is not None and tracker.records:
+                tracker.save(output / FILTER_NORMS)
             publish_checkpoint(output, progress.global_step, cfg.checkpoint_keep)
         accelerator.wait_for_everyone()
 
@@ -114,7 +121,7 @@ def main(argv=None) -> None:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
             stats = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
                                     options, ema=ema, log=log, checkpoint=checkpoint,
-                                    batches_per_epoch=len(train_loader))
+                                    batches_per_epoch=len(train_loader), tracker=tracker)
             if progress.step_in_epoch < steps_per_epoch:      # stopped by max_steps inside the epoch
                 checkpoint()
                 break
@@ -141,6 +148,9 @@ def main(argv=None) -> None:
         results = {**summarize_top1(progress.history), "epochs_done": progress.epoch, "steps": progress.global_step}
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         accelerator.print(f"done: {json.dumps(results)}; weights in {output / 'model.safetensors'}")
+
+
+FILTER_NORMS = "filter_norms.npz"
 
 
 def _reached(max_steps: int, progress: TrainProgress) -> bool:

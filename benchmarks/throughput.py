@@ -108,7 +108,8 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         bare.append(bare_epoch(bare_model, bare_loader, bare_opt, accelerator, args.channels_last))
         ours.append(ours_epoch())
-    result = {"bare_images_per_s": statistics.median(bare), "ours_images_per_s": statistics.median(ours)}
+    result = {"bare_images_per_s": statistics.median(bare), "ours_images_per_s": statistics.median(ours),
+              "bare_all": bare, "ours_all": ours}
     result["ratio"] = result["ours_images_per_s"] / result["bare_images_per_s"]
     result["_meta"] = {"model": args.model, "batch_size": args.batch_size, "input_size": args.input_size,
                        "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,

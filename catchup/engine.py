@@ -48,8 +48,8 @@ class NonFiniteLoss(CatchupError):
 def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable, optimizer, scheduler,
                     accelerator: Accelerator, progress: TrainProgress, options: StepOptions,
                     ema: nn.Module | None = None, log: Callable[[dict, int], None] | None = None,
-                    checkpoint: Callable[[], None] | None = None, batches_per_epoch: int | None = None
-                    ) -> dict[str, float]:
+                    checkpoint: Callable[[], None] | None = None, batches_per_epoch: int | None = None,
+                    tracker=None) -> dict[str, float]:
     """Train until the loader is exhausted (or ``max_steps``); returns the epoch's mean loss and throughput.
 
     The loss is checked for NaN/Inf without a per-step host sync: a device flag is read at each log step and
@@ -69,6 +69,8 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
         if options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
+            if tracker is not None:        # the filter-norm tracker (track_filters), off on most steps
+                tracker.begin_step(progress.global_step)
             x, soft = mixer(x, y)
             plan = mixer.last_plan
             out = model(x)
@@ -92,6 +94,9 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
             continue
         progress.step_in_epoch += 1
         progress.global_step += 1
+        record = tracker.end_step() if tracker is not None else None
+        if record is not None and log is not None and accelerator.is_main_process:
+            log(tracker.wandb_payload(record), progress.global_step)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=progress.global_step)
         if scheduler is not None:

@@ -12,6 +12,7 @@ import torch
 
 import catchup.models  # noqa: F401
 from catchup import CatchupError
+from catchup.analysis import load_filter_norms
 from catchup.runs import latest_checkpoint, load_run
 from tests.helpers import load_safetensors, run_train, wandb_records
 
@@ -104,7 +105,8 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
 def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    run_train(out, "--wandb-mode", "offline", "--epochs", "1", "--wandb-tags", "[test, digits]")
+    run_train(out, "--wandb-mode", "offline", "--epochs", "1", "--wandb-tags", "[test, digits]",
+              "--track-filters", "--track-filters-every", "4")
     files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     records = list(wandb_records(files[0]))
@@ -114,6 +116,9 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
                for r in records if r.HasField("history")]
     assert any("train/loss" in h for h in history)
     assert any("epoch/eval_top1" in h for h in history)
+    assert any(any(k.startswith("filters/") for k in h) for h in history)       # the filter-norm tracker
+    norms = load_filter_norms(out / "filter_norms.npz")
+    assert all(list(v["steps"]) == [0, 4, 8] and v["act_norm"].shape[0] == 3 for v in norms.values())
     run = next(r.run for r in records if r.HasField("run"))
     assert run.run_id == (out / "wandb_run_id.txt").read_text().strip()
     assert list(run.tags) == ["test", "digits"]
