@@ -27,10 +27,11 @@ from catchup.data.transforms import FIXED_FAMILIES
 from catchup.errors import CatchupError
 from catchup.robustness import (
     DEFORMATIONS, CifarCorrupted, TinyImageNetCorrupted, available_corruptions, classification_metrics,
-    corruption_summary, deform_batch, evaluate_logits, feature_drop_curve, feature_mass_share, fgsm_error,
-    max_softmax_score, ood_metrics, pooled_features, read_class_indices, restrict_logits,
+    corruption_summary, evaluate_logits, feature_drop_curve, feature_mass_share, fgsm_error,
+    max_softmax_score, ood_metrics, pooled_features, read_class_indices, restrict_logits, warp_batch,
 )
 from catchup.robustness.corruptions import SEVERITIES
+from catchup.robustness.deformations import sample_matrices
 from catchup.runs import WEIGHTS, build_model, load_weights
 
 SUITES: tuple[str, ...] = ("clean", "fgsm", "corruption", "deformation", "ood", "reliance")
@@ -175,17 +176,36 @@ def fgsm_suite(model: nn.Module, loader: Iterable, info: DataInfo, eps: tuple[tu
     return {label: {"eps": value, "error": errors[value]} for label, value in eps}
 
 
-def deformation_suite(model: nn.Module, loader: Iterable, accelerator: Accelerator, seed: int) -> dict[str, float]:
-    """Top-1 accuracy (%) under each deformation of the battery; each draws from its own seeded generator."""
+def deformation_suite(model: nn.Module, run: RunData, options: EvalOptions, accelerator: Accelerator
+                      ) -> dict[str, float]:
+    """Top-1 accuracy (%) under each deformation of the battery.
+
+    Each eval image gets its own matrix, drawn up front in dataset order from a seeded generator, so the
+    numbers are the same whatever the number of processes and however the loader shards the set.
+    """
     out: dict[str, float] = {}
     for k, name in enumerate(DEFORMATIONS):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + accelerator.process_index)
-        logits, targets = evaluate_logits(
-            model, _bar(loader, accelerator, name), accelerator.device,
-            transform_batch=lambda x, y, name=name, g=generator: deform_batch(x, name, g),
-            gather=accelerator.gather_for_metrics)
+        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + k * 1009)
+        matrices = sample_matrices(DEFORMATIONS[name], len(run.eval_set), generator)
+        loader = _loader(_Deformed(run.eval_set, matrices), options, accelerator)
+        logits, targets = evaluate_logits(model, _bar(loader, accelerator, name), accelerator.device,
+                                          gather=accelerator.gather_for_metrics)
         out[name] = _top1(logits, targets)
     return out
+
+
+class _Deformed(Dataset):
+    """An eval set whose item i is warped with matrices[i] (after normalisation: the fill is 0)."""
+
+    def __init__(self, dataset: Dataset, matrices: Tensor) -> None:
+        self.dataset, self.matrices = dataset, matrices
+
+    def __len__(self) -> int:
+        return len(self.matrices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        x, y = self.dataset[index]
+        return warp_batch(x[None], self.matrices[index:index + 1])[0], y
 
 
 class _Tagged(Dataset):
@@ -359,7 +379,7 @@ def evaluate_model(model: nn.Module, run: RunData, data: SuiteData, weights: str
         numbers["corruption"], result.corruption_errors = corruption_suite(model, data.corruption, options,
                                                                            accelerator)
     if "deformation" in options.suites:
-        numbers["deformation"] = deformation_suite(model, loader, accelerator, options.seed)
+        numbers["deformation"] = deformation_suite(model, run, options, accelerator)
     if "ood" in options.suites:
         numbers["ood"] = ood_suite(model, data, logits, targets, options, accelerator)
     if "reliance" in options.suites:

@@ -19,13 +19,7 @@ from catchup.stages import resolve_stages
 from tests.helpers import run_train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- Hessian ------------------------------------------------------------------------------------------------

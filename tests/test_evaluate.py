@@ -31,13 +31,7 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FAST = ["--batch-size", "28", "--workers", "0"]  # 360 digits test images: 12 full batches and one of 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on 8x8 images: a second intra-op thread only adds synchronisation, a lot of it on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +334,8 @@ def _two_process_main(argv: list[str]) -> None:
 def test_two_processes_give_the_single_process_numbers(run_dir, cifar_run, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_cifar_c(tmp_path / "c", n=7)  # 7 images a slice: the slices straddle the batches of 4 per process
-    jobs = {"digits": ([str(run_dir), "--suite", "clean,fgsm,reliance", *FAST], ("clean", "fgsm", "reliance")),
+    jobs = {"digits": ([str(run_dir), "--suite", "clean,fgsm,deformation,reliance", *FAST],
+                       ("clean", "fgsm", "deformation", "reliance")),
             "cifar": ([str(cifar_run), "--suite", "clean,corruption", "--corruption-dir", str(tmp_path / "c"),
                        "--batch-size", "4", "--workers", "0"], ("clean", "corruption"))}
     for name, (argv, suites) in jobs.items():

@@ -19,7 +19,8 @@ from tests.helpers import load_safetensors, run_train, wandb_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "manifold", "moex", "catchup"])
+@pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "manifold", "moex", "catchup", "saliencymix",
+                                    "resizemix", "snapmix", "alignmix", "recursivemix"])
 def test_two_epochs_with_each_method(tmp_path, method):
     out = tmp_path / method
     run_train(out, "--mix", method)
