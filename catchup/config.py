@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from catchup.config_types import Mismatch, coerce, describe
 from catchup.errors import CatchupError
 
 
@@ -143,53 +143,6 @@ def _yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class _Mismatch(Exception):
-    """A value does not fit a type annotation (turned into a CatchupError by the caller)."""
-
-
-_NAMES = {bool: ("a bool (true/false)", "bools"), int: ("an int", "ints"), float: ("a float", "floats"),
-          str: ("a string", "strings"), dict: ("a mapping", "mappings")}
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _describe(tp: Any, plural: bool = False) -> str:
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        text = " or ".join(_describe(a, plural) for a in args if a is not type(None))
-        return text + " or null" if type(None) in args else text
-    if typing.get_origin(tp) is list:
-        return "lists" if plural else f"a list of {_describe(typing.get_args(tp)[0], plural=True)}"
-    return _NAMES[typing.get_origin(tp) or tp][1 if plural else 0]
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """`value` converted to annotation `tp` (int -> float, scalar -> one-item list), or _Mismatch."""
-    if _is_union(tp):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if typing.get_origin(tp) is list:
-        items = value if isinstance(value, (list, tuple)) else [value]  # `--wandb-tags baseline` works
-        return [_coerce(v, typing.get_args(tp)[0]) for v in items]
-    if (typing.get_origin(tp) or tp) is dict and isinstance(value, Mapping):
-        return dict(value)
-    if tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
-        return value
-    if tp in (int, float) and isinstance(value, int) and not isinstance(value, bool):
-        return tp(value)
-    if tp is float and isinstance(value, float):
-        return value
-    raise _Mismatch
-
-
 def _check_layer(data: Mapping[Any, Any], where: str) -> dict[str, Any]:
     """One recipe layer (a file or the command line) with keys checked and values converted."""
     out = {}
@@ -197,9 +150,9 @@ def _check_layer(data: Mapping[Any, Any], where: str) -> dict[str, Any]:
         if key not in _TYPES:
             raise CatchupError(f"unknown recipe key {key!r} {where}; {_suggest(str(key))}")
         try:
-            out[key] = _coerce(value, _TYPES[key])
-        except _Mismatch:
-            raise CatchupError(f"recipe key {key!r} expects {_describe(_TYPES[key])}, "
+            out[key] = coerce(value, _TYPES[key])
+        except Mismatch:
+            raise CatchupError(f"recipe key {key!r} expects {describe(_TYPES[key])}, "
                                f"got {value!r} ({type(value).__name__}) {where}") from None
     return out
 
@@ -284,7 +237,7 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             continue
         if not has_value and (i == len(argv) or argv[i].startswith("--")):
             if key in _TYPES and _TYPES[key] is not bool:
-                raise CatchupError(f"--{name} needs a value (recipe key {key!r} expects {_describe(_TYPES[key])})")
+                raise CatchupError(f"--{name} needs a value (recipe key {key!r} expects {describe(_TYPES[key])})")
             out[key] = True
             continue
         if not has_value:
@@ -401,7 +354,7 @@ def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None
     # configs built in code skip load_config's type checks; a scalar where a list belongs is not fine here
     for key, value in _check_layer(config_to_dict(cfg), "in the config").items():
         if value != getattr(cfg, key):
-            fail(key, f"expects {_describe(_TYPES[key])}")
+            fail(key, f"expects {describe(_TYPES[key])}")
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}")
