@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "manifold", "moex", "catchup", "saliencymix",
-                                    "resizemix", "snapmix", "alignmix", "recursivemix"])
+                                    "resizemix", "snapmix", "alignmix", "recursivemix", "comixup"])
 def test_two_epochs_with_each_method(tmp_path, method):
     out = tmp_path / method
     run_train(out, "--mix", method)

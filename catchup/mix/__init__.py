@@ -10,6 +10,7 @@ from torch import nn
 from catchup.errors import CatchupError
 from catchup.mix.alignmix import AlignMix
 from catchup.mix.catchup import CatchUpMix, catchup_mix, filter_influence
+from catchup.mix.comixup import CoMixup
 from catchup.mix.input import CutMix, InputMixup
 from catchup.mix.manifold import ManifoldMixup, manifold_mix
 from catchup.mix.mixer import Mixer, NoMix
@@ -23,7 +24,7 @@ from catchup.mix.snapmix import SnapMix
 
 MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (
     NoMix, InputMixup, CutMix, ManifoldMixup, MoEx, CatchUpMix,
-    SaliencyMix, ResizeMix, SnapMix, AlignMix, RecursiveMix, PuzzleMix)}
+    SaliencyMix, ResizeMix, SnapMix, AlignMix, RecursiveMix, PuzzleMix, CoMixup)}
 
 
 def mixer_options(name: str) -> set[str]:
@@ -43,7 +44,7 @@ def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, 
 
 __all__ = ["MIXERS", "build_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
            "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex",
-           "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix"]
+           "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix", "CoMixup"]
 
 
 def _method(name: str) -> type[Mixer]:
