@@ -186,6 +186,7 @@ class CoMixup(Mixer):
     ``plan.lam``/``plan.lam_eff`` the mean of those largest shares; ``plan.extras`` holds ``mask`` and ``weights``.
     """
     name = "comixup"
+    live_model = True
     default_alpha = 2.0
     default_layers = (0,)
     input_mix = "mixup"
@@ -210,12 +211,7 @@ class CoMixup(Mixer):
         self.options = dict(beta=float(beta), gamma=float(gamma), eta=float(eta), alpha=self.alpha,
                             thres=float(thres), thres_type=thres_type, set_resolve=bool(set_resolve),
                             n_iter=int(n_iter))
-        self._labels: torch.Tensor | None = None
         self._clean_loss: torch.Tensor | None = None
-
-    def collate(self, batch: list):
-        raise CatchupError("comixup reads the live model's input gradients: mix in the training loop, "
-                           "not in the DataLoader collate_fn")
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
         if self.prob < 1.0 and self.rng.random() >= self.prob:
@@ -225,11 +221,8 @@ class CoMixup(Mixer):
         return MixPlan(0, 1.0, index, 1.0, {"block_num": block_num})
 
     def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        self._labels, self._clean_loss = target, None   # the saliency is the gradient of the own-class loss
-        try:
-            x, soft, plan = super().prepare(x, target)
-        finally:
-            self._labels = None
+        self._clean_loss = None
+        x, soft, plan = super().prepare(x, target)
         if plan is not None:
             y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
             soft = plan.extras["weights"].to(y.device, y.dtype) @ y
@@ -240,7 +233,7 @@ class CoMixup(Mixer):
         if x.shape[-1] != x.shape[-2] or x.shape[-1] % block_num:
             raise CatchupError(f"comixup needs square images with a side divisible by block_num {block_num}, "
                                f"got {tuple(x.shape[-2:])}")
-        saliency = self._saliency(x, self._labels)
+        saliency = self._saliency(x, self.batch_target)
         with torch.no_grad():
             x, mask = comixup(x, saliency, self.rng, block_num, self.part_size, self.omega, **self.options)
         weights = mask.float().mean((1, 2))                  # [B_out, B_in] area shares

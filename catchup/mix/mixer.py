@@ -64,6 +64,7 @@ class Mixer:
     default_layers: tuple[int, ...] | None = ()  # layers sampled by default; () = none, None = every layer
     input_mix = "cutmix"                   # what layer 0 does: 'cutmix' or 'mixup'
     feature_level = False                  # True: may mix hidden layers through the stage hooks
+    live_model = False                     # True: mixing reads the model (saliency, CAMs, history): no collate_fn
 
     def __init__(self, model: nn.Module | None = None, *, num_classes: int, alpha: float | None = None,
                  cutmix_alpha: float = 1.0, cutmix_minmax: Sequence[float] | None = None, prob: float = 1.0,
@@ -86,6 +87,7 @@ class Mixer:
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
         self.seed, self.calls = seed, 0
         self.last_plan: MixPlan | None = None
+        self.batch_target: torch.Tensor | None = None
         self.rng = np.random.default_rng([seed, 0])
         self.enabled = True    # the mixup_off_epoch switch: False -> plain (smoothed) one-hot targets
         self.stages = self._resolve_stages(model, layers, input_size)
@@ -115,7 +117,11 @@ class Mixer:
         if plan is None:
             return x, smooth_one_hot(target, self.num_classes, self.label_smoothing), None
         if plan.layer == 0:
-            x = self.mix_input(x, plan)
+            self.batch_target = target     # for input mixing that reads the labels (own-class saliency, CAMs)
+            try:
+                x = self.mix_input(x, plan)
+            finally:
+                self.batch_target = None
         soft = mixed_target(target, plan.index, plan.lam_eff, self.num_classes, self.label_smoothing)
         return x, soft, plan
 
@@ -125,6 +131,9 @@ class Mixer:
         Worker processes hold copies of the mixer: toggling ``enabled`` in the main process reaches them only
         when the workers are started again (use ``persistent_workers=False`` or rebuild the loader).
         """
+        if self.live_model:
+            raise CatchupError(f"{self.name} reads the live model while mixing: mix in the training loop, "
+                               "not in the DataLoader collate_fn")
         x, target = default_collate(batch)[:2]
         return self.prepare(x, target)
 

@@ -182,6 +182,7 @@ class PuzzleMix(Mixer):
     default the model's timm ``pretrained_cfg``). Needs square inputs whose side is divisible by 16, and the
     ``gco-wrapper`` package. Reads the live model: mix in the training loop, not in a collate_fn."""
     name = "puzzlemix"
+    live_model = True
     default_alpha = 1.0
     default_layers = (0,)
     input_mix = "cutmix"
@@ -204,11 +205,6 @@ class PuzzleMix(Mixer):
         self.mask_kwargs = dict(beta=float(beta), gamma=float(gamma), eta=float(eta), neigh_size=int(neigh_size),
                                 n_labels=int(n_labels), mean=self.mean, std=self.std)
         self.transport, self.t_size, self.t_eps = bool(transport), int(t_size), float(t_eps)
-        self._labels: torch.Tensor | None = None
-
-    def collate(self, batch: list):
-        raise CatchupError("puzzlemix reads the live model's input gradients: mix in the training loop, "
-                           "not in the DataLoader collate_fn")
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
         if self.prob < 1.0 and self.rng.random() >= self.prob:
@@ -219,11 +215,7 @@ class PuzzleMix(Mixer):
         return MixPlan(0, lam, index, lam, {"block_num": block_num})
 
     def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        self._labels = target          # mix_input's saliency is the gradient of each sample's own-class loss
-        try:
-            x, soft, plan = super().prepare(x, target)
-        finally:
-            self._labels = None
+        x, soft, plan = super().prepare(x, target)
         if plan is not None:
             y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
             own = plan.extras["own_weight"].to(y.device)[:, None]
@@ -233,7 +225,7 @@ class PuzzleMix(Mixer):
     def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         if x.shape[-1] != x.shape[-2] or x.shape[-1] % 16:
             raise CatchupError(f"puzzlemix needs square images with a side divisible by 16, got {tuple(x.shape[-2:])}")
-        saliency = input_saliency(self.model, x, self._labels)
+        saliency = input_saliency(self.model, x, self.batch_target)
         with torch.no_grad():
             x, own = puzzlemix(x, saliency, plan.index, plan.lam, plan.extras["block_num"], self.transport,
                                self.t_size, self.t_eps, **self.mask_kwargs)

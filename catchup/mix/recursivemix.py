@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from catchup.errors import CatchupError
 from catchup.mix.mixer import Mixer, _check, rand_box
 from catchup.mix.plan import MixPlan, smooth_one_hot
 from catchup.stages import unwrap_model
@@ -66,6 +65,7 @@ class RecursiveMix(Mixer):
     ``mode`` the resize interpolation. The history (previous mixed batch, its soft targets and logits) is part
     of ``state_dict()``. Mix in the training loop (the history lives in this object), not in a collate_fn."""
     name = "recursivemix"
+    live_model = True
     default_alpha = 0.5
     default_layers = (0,)
     input_mix = "cutmix"
@@ -111,10 +111,6 @@ class RecursiveMix(Mixer):
         self._armed = self._pool is not None and self._pending is not None
 
     # ---- mixing --------------------------------------------------------------------------------------
-
-    def collate(self, batch: list):
-        raise CatchupError("recursivemix keeps the previous batch and the model's predictions: mix in the "
-                           "training loop, not in the DataLoader collate_fn")
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
         old = self._history["x"]

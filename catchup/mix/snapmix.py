@@ -71,13 +71,13 @@ class SnapMix(Mixer):
     call, so mix in the training loop, not in a DataLoader collate_fn.
     """
     name = "snapmix"
+    live_model = True
     default_alpha = 5.0
     default_layers = (0,)
     input_mix = "cutmix"
 
     def __init__(self, model=None, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self._labels: torch.Tensor | None = None
         base = unwrap_model(model) if model is not None else None
         if base is None or not callable(getattr(base, "forward_features", None)):
             raise CatchupError("snapmix computes class activation maps: build it with a model that has timm's "
@@ -87,10 +87,6 @@ class SnapMix(Mixer):
         if not isinstance(classifier, nn.Linear):
             raise CatchupError(f"snapmix needs get_classifier() to be a single nn.Linear on pooled features; "
                                f"{type(base).__name__} has {type(classifier).__name__}")
-
-    def collate(self, batch: list):
-        raise CatchupError("snapmix reads the live model's activation maps: mix in the training loop, "
-                           "not in the DataLoader collate_fn")
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
         if self.prob < 1.0 and self.rng.random() >= self.prob:
@@ -113,11 +109,7 @@ class SnapMix(Mixer):
         return class_activation_maps(features, classifier, target, tuple(x.shape[-2:]))
 
     def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        self._labels = target          # mix_input reads the CAM of each sample's own class
-        try:
-            x, soft, plan = super().prepare(x, target)
-        finally:
-            self._labels = None
+        x, soft, plan = super().prepare(x, target)
         if plan is not None and "own_weight" in plan.extras:
             y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
             own, partner = (plan.extras[k].to(y.device)[:, None] for k in ("own_weight", "partner_weight"))
@@ -130,7 +122,7 @@ class SnapMix(Mixer):
             plan.lam_eff = 1.0           # an empty box: the official code leaves the batch unmixed
             return x
         with torch.no_grad():
-            cam = self.cams(x, self._labels)
+            cam = self.cams(x, self.batch_target)
         x, own, partner = snapmix(x, cam, plan.index, box, partner_box)
         plan.extras.update(own_weight=own, partner_weight=partner)
         plan.lam_eff = float(own.mean())
