@@ -25,6 +25,19 @@ def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml"
         GradientState._reset_state()
 
 
+def train_step(mixer, model, x, y):
+    """One step of the engine's loss contract: soft-target CE plus the mixer's auxiliary loss; backward."""
+    from timm.loss import SoftTargetCrossEntropy
+    xm, soft = mixer(x, y)
+    out = model(xm)
+    loss = SoftTargetCrossEntropy()(out, soft)
+    aux = mixer.auxiliary_loss(out)
+    if aux is not None:
+        loss = loss + aux
+    loss.backward()
+    return xm, soft, loss, aux
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(str(path))

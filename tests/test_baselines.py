@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from timm.layers import SelectAdaptivePool2d
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from catchup import CatchupError, build_mixer
@@ -23,6 +22,7 @@ from catchup.mix.alignmix import alignmix, sinkhorn_plan, transport_cost
 from catchup.mix.puzzlemix import _graphcut, input_saliency, mask_transport, puzzlemix, transport_image
 from catchup.mix.recursivemix import recursive_mix, recursive_target
 from catchup.mix.saliencymix import fine_grained_saliency, saliency_map, saliency_peak, spectral_residual_saliency
+from tests.helpers import train_step
 
 METHODS = ["saliencymix", "resizemix", "snapmix", "alignmix", "recursivemix", "puzzlemix"]
 
@@ -484,17 +484,6 @@ def test_puzzlemix_mixes_blockwise_and_weights_labels_by_the_mask():
 
 # ---- every method ---------------------------------------------------------------------------------
 
-def train_step(mixer, model, x, y):
-    xm, soft = mixer(x, y)
-    out = model(xm)
-    loss = SoftTargetCrossEntropy()(out, soft)
-    aux = mixer.auxiliary_loss(out)
-    if aux is not None:
-        loss = loss + aux
-    loss.backward()
-    return xm, soft, loss
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_train_on_small_and_timm_models_with_odd_batches(name):
     torch.manual_seed(0)
@@ -505,7 +494,7 @@ def test_methods_train_on_small_and_timm_models_with_odd_batches(name):
         for b in sizes:
             x, y = batch(b=b, size=size, seed=b)
             model.zero_grad()
-            xm, soft, loss = train_step(mixer, model, x, y)
+            xm, soft, loss, _ = train_step(mixer, model, x, y)
             assert xm.shape == x.shape and soft.shape == (b, 5) and torch.isfinite(loss)
             assert model.get_classifier().weight.grad is not None
             assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from timm.loss import SoftTargetCrossEntropy
 
 from catchup import CatchupError
 from catchup.mix.comixup import CoMixup, comixup, comixup_labelling, comixup_objective, graphcut_labels
+from tests.helpers import train_step
 
 
 def peaky_saliency(b: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -161,17 +161,6 @@ def test_soft_targets_are_the_mask_area_shares(smoothing):
     assert torch.allclose(soft.sum(1), torch.ones(6))
     assert (mask.mean((1, 2)) > 0).sum(1).max() >= 2
     assert plan.lam_eff == pytest.approx(float(mask.mean((1, 2)).max(1).values.mean()))
-
-
-def train_step(mixer, model, x, y):
-    xm, soft = mixer(x, y)
-    out = model(xm)
-    loss = SoftTargetCrossEntropy()(out, soft)
-    aux = mixer.auxiliary_loss(out)
-    if aux is not None:
-        loss = loss + aux
-    loss.backward()
-    return xm, soft, loss, aux
 
 
 @pytest.mark.parametrize("clean_lam", [0.0, 1.0])
