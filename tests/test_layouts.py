@@ -221,3 +221,16 @@ def test_a_model_without_input_size_gets_its_layout_from_the_first_mixed_output(
     model.train()
     model(x)
     assert_whole_channels_swapped(seen["before"], seen["after"], mixer.last_plan, soft, y, "NHWC")
+
+
+def test_filter_influence_norms_over_every_position_axis():
+    from catchup.mix.catchup import filter_influence
+    h = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+    by_hand = torch.tensor([[math.sqrt(sum(float(v) ** 2 for v in h[b, c].flatten())) for c in range(5)]
+                            for b in range(3)])
+    by_hand = by_hand / by_hand.sum(1, keepdim=True)
+    tokens = h.flatten(2)                                    # what a token map [B, N, C] is seen as
+    for view in (h, tokens, tokens[..., None], h.contiguous(memory_format=torch.channels_last)):
+        assert torch.allclose(filter_influence(view), by_hand)
+    half = filter_influence((tokens * 300).half())           # squares overflow in fp16: 300^2 * 24 > 65504
+    assert half.dtype == torch.float32 and torch.allclose(half, by_hand, atol=1e-3)
