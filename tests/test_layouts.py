@@ -169,6 +169,15 @@ def test_a_flat_output_is_refused():
         build_mixer("catchup", model, num_classes=NUM_CLASSES, layers=["global_pool"], input_size=(3, 32, 32))
 
 
+def test_a_probe_at_a_size_the_model_cannot_take_is_a_one_line_error():
+    name, kwargs, _, _ = FAMILIES["vit"]
+    model = create(name, kwargs)                  # built for 32 px
+    with pytest.raises(CatchupError, match=r"model vit_tiny_patch16_224 failed a forward at input_size "
+                                           r"\(3, 64, 64\) .*pass the size it takes as input_size") as err:
+        build_mixer("catchup", model, num_classes=NUM_CLASSES, input_size=(3, 64, 64))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("shape, channels, declared, layout", [
     ((1, 8, 5, 5), 8, None, "NCHW"),
     ((1, 5, 5, 8), 8, None, "NHWC"),       # the channel count finds the axis even where output_fmt is silent
