@@ -63,23 +63,25 @@ def sinkhorn_plan(cost: torch.Tensor, eps: float = 0.1, iters: int = 100) -> tor
 
 def alignmix(h: torch.Tensor, index: torch.Tensor, lam: float | torch.Tensor, direction: int = 0,
              eps: float = 0.1, iters: int = 100, cost: str = "sqeuclidean") -> torch.Tensor:
-    """Aligned mixup of feature maps h [B, C, H, W] with partners ``h[index]`` (see the module docstring).
+    """Aligned mixup of feature maps h [B, C, H, W] (or [B, C, ...positions]) with partners ``h[index]``
+    (see the module docstring).
 
     The transport plan is computed without gradient (it is detached in the official code); gradients reach
     both maps through the interpolation. Returns h's dtype and memory format.
     """
-    b, c, height, width = h.shape
-    feat = h.reshape(b, c, height * width)
+    b, c = h.shape[:2]
+    feat = h.reshape(b, c, -1)
+    positions = feat.shape[-1]
     partner = feat[index]
     with torch.no_grad():
         plan = sinkhorn_plan(transport_cost(feat.transpose(1, 2), partner.transpose(1, 2), cost), eps, iters)
-        assignment = (plan * (height * width)).to(h.dtype)        # rows sum to one: R
+        assignment = (plan * positions).to(h.dtype)               # rows sum to one: R
     if direction == 0:
         mixed = feat * lam + (partner @ assignment.transpose(1, 2)) * (1.0 - lam)
     else:
         mixed = (feat @ assignment) * lam + partner * (1.0 - lam)
-    out = mixed.reshape(b, c, height, width)
-    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+    out = mixed.reshape(h.shape)
+    if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 

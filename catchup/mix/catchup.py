@@ -16,12 +16,13 @@ from catchup.stages import Stage
 
 
 def filter_influence(h: torch.Tensor) -> torch.Tensor:
-    """Eq. (4)-(5) normalisation: per-sample L2 norm of every channel over H x W, summing to one per sample.
+    """Eq. (4)-(5) normalisation: per-sample L2 norm of every channel over its positions, summing to one per sample.
 
-    Computed in float32 whatever h's dtype (squares overflow in fp16). A sample whose channels are all zero
-    gets all-zero influence rather than NaN.
+    h is [B, C, ...positions]: H x W for a feature map, N for a token map (``catchup.mix.layout``). Computed in
+    float32 whatever h's dtype (squares overflow in fp16). A sample whose channels are all zero gets all-zero
+    influence rather than NaN.
     """
-    fi = torch.linalg.vector_norm(h, ord=2, dim=(2, 3), dtype=torch.float32)
+    fi = torch.linalg.vector_norm(h, ord=2, dim=tuple(range(2, h.dim())), dtype=torch.float32)
     return fi / fi.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -44,9 +45,9 @@ def catchup_keep_mask(h: torch.Tensor, index: torch.Tensor, n_keep: int | torch.
 def catchup_mix(h: torch.Tensor, index: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
     """Eq. (6): ``M * h + (1 - M) * h[index]`` with M keeping floor(lam * C) lowest-RFI channels of h.
 
-    h: [B, C, H, W], any float dtype or memory format; index: LongTensor[B], the partner of each sample;
-    lam in [0, 1]. Returns the mixed map (h's dtype and memory format; gradients reach both h and h[index])
-    and lam_eff = floor(lam * C) / C, the exact share of the sample's own channels.
+    h: [B, C, H, W] (or [B, C, ...positions]), any float dtype or memory format; index: LongTensor[B], the
+    partner of each sample; lam in [0, 1]. Returns the mixed map (h's dtype and memory format; gradients reach
+    both h and h[index]) and lam_eff = floor(lam * C) / C, the exact share of the sample's own channels.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -64,7 +65,7 @@ def apply_keep_mask(h: torch.Tensor, index: torch.Tensor, keep: torch.Tensor) ->
     """
     batch, channels = h.shape[:2]
     if not h.is_contiguous():   # channels_last and other layouts: rows are not contiguous, select elementwise
-        return torch.where(keep[:, :, None, None], h, h[index])
+        return torch.where(keep.view(*keep.shape, *(1,) * (h.dim() - 2)), h, h[index])
     own = torch.arange(batch, device=h.device)[:, None]
     rows = torch.where(keep, own, index[:, None]) * channels + torch.arange(channels, device=h.device)
     return h.reshape(batch * channels, -1).index_select(0, rows.view(-1)).view_as(h)

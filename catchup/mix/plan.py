@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from catchup.errors import CatchupError
-from catchup.stages import Stage, unwrap_model
+from catchup.mix.layout import channels_first, restore_layout
+from catchup.stages import Stage, stage_layout, unwrap_model
 
 
 @dataclass
@@ -47,10 +48,12 @@ class StageHooks:
         self.plan: MixPlan | None = None
         modules = dict(self.model.named_modules())
         self._handles = [
-            modules[s.module_name].register_forward_hook(self._make_hook(s.layer, modules[s.module_name]))
+            modules[s.module_name].register_forward_hook(self._make_hook(s, modules[s.module_name]))
             for s in stages if s.module_name is not None]
 
-    def _make_hook(self, layer: int, stage_module: nn.Module):
+    def _make_hook(self, stage: Stage, stage_module: nn.Module):
+        layer = stage.layer
+
         def hook(module: nn.Module, inputs, output):
             plan = self.plan
             # `deepcopy` (an EMA model) copies the hook closure by reference: the identity check keeps
@@ -63,8 +66,9 @@ class StageHooks:
             if not isinstance(output, torch.Tensor):
                 raise CatchupError(f"mixing layer {layer} outputs {type(output).__name__}, not a feature map")
             # Returning a new tensor replaces the module output; many stage modules end in in-place
-            # ReLUs, so the mixing functions never write into `output`.
-            return self.mix_fn(output, plan)
+            # ReLUs, so the mixing functions never write into `output`. Methods mix a [B, C, ...] view.
+            layout = stage_layout(stage, output.shape, self.model)
+            return restore_layout(self.mix_fn(channels_first(output, layout), plan), layout, like=output)
         return hook
 
     def arm(self, plan: MixPlan | None) -> None:
