@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
 from catchup.config import config_to_dict, dump_config, load_config
+from catchup.config_help import RecipeArgumentParser
 from catchup.data import build_datasets
 from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
@@ -31,7 +32,7 @@ from catchup.runs import (build_model, prepare_output, publish_checkpoint, resol
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = RecipeArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-c", "--config", required=True, help="recipe YAML (configs/...)")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="continue the run in --output from its latest checkpoint, or from PATH")

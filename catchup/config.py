@@ -62,7 +62,7 @@ class TrainConfig:
     clip_grad: float | None = None  # gradient norm clipping; None = off
     seed: int = 0  # random seed
     # mixing
-    mix: str = "none"  # mixing method, checked by the mixer registry (none, mixup, cutmix, manifold, moex, catchup)
+    mix: str = "none"  # mixing method
     mix_prob: float = 1.0  # probability of mixing a batch
     mix_alpha: float | None = None  # Beta(alpha, alpha) for the mixing ratio; None = the method's default
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for CutMix boxes (layer 0 of feature-level methods)
