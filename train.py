@@ -24,6 +24,7 @@ from catchup.config_help import RecipeArgumentParser
 from catchup.data import build_datasets
 from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
+from catchup.export import log_model_artifact
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
 from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
                             make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
@@ -140,6 +141,9 @@ def main(argv=None) -> None:
             if main_process:
                 _write_summary(output, progress.history)
             checkpoint()
+        if cfg.wandb_log_model and wandb_mode != "disabled" and main_process:
+            wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+            log_model_artifact(wandb_run, accelerator.unwrap_model(model), cfg, info)
     finally:
         accelerator.end_training()
     if main_process:

@@ -83,6 +83,7 @@ class TrainConfig:
     wandb_entity: str | None = None  # W&B team or user; None = the default entity
     wandb_name: str | None = None  # W&B run name; None = generated
     wandb_tags: list[str] = field(default_factory=list)  # W&B run tags
+    wandb_log_model: bool = False  # log the final weights as a W&B model artifact (config.json + model.safetensors)
     track_filters: bool = False  # log filter-influence statistics during training
     track_filters_every: int = 100  # optimizer steps between filter statistics
 
