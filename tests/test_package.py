@@ -35,6 +35,12 @@ def test_package_dependencies_are_requirements_txt_with_graph_cuts_as_an_extra()
     assert set(project["scripts"]) == {"catchup-train", "catchup-evaluate"}
 
 
+def test_the_wheel_lists_every_subpackage():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "catchup").rglob("__init__.py")}
+    assert set(packages) == on_disk | {"catchup.scripts"}
+
+
 def test_import_registers_the_model_zoo_with_timm():
     assert catchup.__name__ == "catchup"
     model = timm.create_model("preactresnet18", num_classes=3, width=4)
