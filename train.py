@@ -8,7 +8,6 @@ Every recipe key can be overridden on the command line (`--key value`, dashes or
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
