@@ -8,7 +8,6 @@ Every recipe key can be overridden on the command line (`--key value`, dashes or
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -20,9 +19,11 @@ from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 
 from catchup.config import config_to_dict, dump_config, load_config
+from catchup.config_help import RecipeArgumentParser
 from catchup.data import build_datasets
 from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
+from catchup.export import log_model_artifact
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
 from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
                             make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
@@ -31,7 +32,7 @@ from catchup.runs import (build_model, prepare_output, publish_checkpoint, resol
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = RecipeArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-c", "--config", required=True, help="recipe YAML (configs/...)")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="continue the run in --output from its latest checkpoint, or from PATH")
@@ -139,6 +140,9 @@ def main(argv=None) -> None:
             if main_process:
                 _write_summary(output, progress.history)
             checkpoint()
+        if cfg.wandb_log_model and wandb_mode != "disabled" and main_process:
+            wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+            log_model_artifact(wandb_run, accelerator.unwrap_model(model), cfg, info)
     finally:
         accelerator.end_training()
     if main_process:

@@ -62,7 +62,7 @@ class TrainConfig:
     clip_grad: float | None = None  # gradient norm clipping; None = off
     seed: int = 0  # random seed
     # mixing
-    mix: str = "none"  # mixing method, checked by the mixer registry (none, mixup, cutmix, manifold, moex, catchup)
+    mix: str = "none"  # mixing method
     mix_prob: float = 1.0  # probability of mixing a batch
     mix_alpha: float | None = None  # Beta(alpha, alpha) for the mixing ratio; None = the method's default
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for CutMix boxes (layer 0 of feature-level methods)
@@ -83,6 +83,7 @@ class TrainConfig:
     wandb_entity: str | None = None  # W&B team or user; None = the default entity
     wandb_name: str | None = None  # W&B run name; None = generated
     wandb_tags: list[str] = field(default_factory=list)  # W&B run tags
+    wandb_log_model: bool = False  # log the final weights as a W&B model artifact (config.json + model.safetensors)
     track_filters: bool = False  # log filter-influence statistics during training
     track_filters_every: int = 100  # optimizer steps between filter statistics
 

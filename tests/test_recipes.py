@@ -3,9 +3,16 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 
 from catchup.config import TrainConfig, load_config
+from catchup.errors import CatchupError
+from catchup.data import build_datasets
 from catchup.mix import MIXERS
+from catchup.recipe import make_mixer, make_optimizer, make_scheduler
+from catchup.runs import build_model
+from tests.test_data import write_cifar100, write_image_folders, write_tinyimagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -17,6 +24,63 @@ def test_recipe_loads_and_names_a_known_method(path):
     assert cfg.mix in MIXERS
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "a recipe starts with a comment naming its table or purpose"
+
+
+def _cifar100(root: Path) -> Path:
+    write_cifar100(root, n_train=400)
+    return root
+
+
+# tiny stand-ins in each dataset's published layout: a recipe's `data_dir` is replaced by one of these
+_FIXTURES = {"cifar100": _cifar100, "tinyimagenet": write_tinyimagenet, "imagefolder": write_image_folders,
+             "finegrained": write_image_folders}
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    made: dict[str, str] = {}
+
+    def data_dir(dataset: str) -> str | None:
+        if dataset in _FIXTURES and dataset not in made:
+            made[dataset] = str(_FIXTURES[dataset](tmp_path_factory.mktemp(dataset)))
+        return made.get(dataset)
+    return data_dir
+
+
+def _build(path: Path, data_dirs) -> None:
+    """What train.py builds from a recipe, with the model on the meta device."""
+    cfg = load_config(path, {"data_dir": data_dirs(load_config(path).dataset)})
+    train_set, eval_set, info = build_datasets(cfg.dataset, cfg.data_dir, train_fraction=cfg.train_fraction,
+                                               seed=cfg.seed, input_size=cfg.input_size)
+    side = cfg.input_size or info.input_size
+    for dataset in (train_set, eval_set):
+        image, label = dataset[0]                                  # the transforms run
+        assert image.shape == (info.in_chans, side, side) and 0 <= label < info.num_classes
+    if cfg.pretrained and not timm.list_pretrained(f"{cfg.model}.*"):   # nothing is downloaded here
+        raise CatchupError(f"{cfg.model} has no pretrained weights in timm")
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg, pretrained=False), info)
+    mixer = make_mixer(cfg, model, info, process_index=0)
+    assert mixer.name == cfg.mix
+    make_scheduler(cfg, make_optimizer(cfg, model), updates_per_epoch=10)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_recipe_builds_its_data_model_mixer_and_optimizer(path, data_dirs):
+    _build(path, data_dirs)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("model: preactresnet81", "unknown model 'preactresnet81'"),
+    ("model_kwargs: {depth: 3}", "does not accept these model_kwargs"),
+    ("mix_kwargs: {block_nums: 4}", "takes no option 'block_nums'"),
+    ("pretrained: true", "no pretrained weights"),
+])
+def test_a_recipe_that_cannot_be_built_fails(tmp_path, data_dirs, line, problem):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"_base_: {ROOT / 'configs' / 'cifar100' / 'preactresnet18_puzzlemix.yaml'}\n{line}\n")
+    with pytest.raises(CatchupError, match=problem):
+        _build(recipe, data_dirs)
 
 
 def test_readme_documents_every_recipe_key_and_ci_runs_its_test_command():
