@@ -6,17 +6,18 @@ its input on the way to the model (``.to(device)``, ``.float()``, timm's Prefetc
 ``sub_``/``div_``, ``contiguous``, ``pin_memory``, ...). A forward pre-hook on the model (``PlanHandover``)
 takes the plan off the input, arms the stage hooks when the model is training, and hands the model a plain
 tensor, so no module, and no ``torch.compile`` graph, ever sees the subclass.
+
+From DataLoader worker processes the batch pickles as any tensor subclass: its storage goes through torch's
+shared-memory reduction, the plan (a small dataclass) with it.
 """
 from __future__ import annotations
 
-from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from timm.data import FastCollateMixup
 from torch import nn
-from torch.multiprocessing.reductions import reduce_tensor
 from torch.utils.data import default_collate
 
 from catchup.stages import unwrap_model
@@ -32,6 +33,7 @@ class PlannedBatch(torch.Tensor):
     """A batch tensor carrying its MixPlan (``mix_plan``). Results of operations on it that keep the batch
     dimension carry the plan on; results of another batch size (a slice of the batch) do not."""
     mix_plan: MixPlan | None = None
+    batch_number: int = -1       # the mixer's number for this batch (its random stream)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -42,28 +44,14 @@ class PlannedBatch(torch.Tensor):
         source = next((a for a in args if isinstance(a, PlannedBatch)), None)
         if source is None or out.dim() == 0 or out.shape[0] != source.shape[0]:
             return out
-        return with_plan(out, source.mix_plan)
+        return with_plan(out, source.mix_plan, source.batch_number)
 
 
-def with_plan(x: torch.Tensor, plan: MixPlan | None) -> PlannedBatch:
+def with_plan(x: torch.Tensor, plan: MixPlan | None, batch_number: int) -> PlannedBatch:
     """x (no copy) as a PlannedBatch carrying ``plan``."""
     out = x.as_subclass(PlannedBatch)
-    out.mix_plan = plan
+    out.mix_plan, out.batch_number = plan, batch_number
     return out
-
-
-def _rebuild_planned(rebuild: Callable, args: tuple, plan: MixPlan | None) -> PlannedBatch:
-    return with_plan(rebuild(*args), plan)
-
-
-def _reduce_planned(batch: PlannedBatch):
-    # DataLoader workers send batches through torch's ForkingPickler, whose shared-memory reduction is looked up
-    # by exact type: without this the subclass would be pickled byte by byte through the pipe.
-    rebuild, args = reduce_tensor(batch.as_subclass(torch.Tensor))
-    return _rebuild_planned, (rebuild, args, batch.mix_plan)
-
-
-ForkingPickler.register(PlannedBatch, _reduce_planned)
 
 
 class MixCollate(FastCollateMixup):
@@ -94,7 +82,7 @@ class MixCollate(FastCollateMixup):
         if target.dim() == 1:
             target = target.long()
         x, soft, plan = self.mixer.prepare(x, target)
-        return with_plan(x, plan), soft
+        return with_plan(x, plan, self.mixer.batch_number), soft
 
 
 class PlanHandover:
@@ -102,15 +90,16 @@ class PlanHandover:
     ``take`` in a training forward of this very model (not in eval, not on an EMA deepcopy), and passes the
     model a plain tensor."""
 
-    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None], None]):
+    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int], None]):
         root = unwrap_model(model)
 
+        @torch._dynamo.disable
         def hook(module: nn.Module, args: tuple):
             if not args or not isinstance(args[0], PlannedBatch):
                 return None
             x = args[0]
             if module is root and module.training:
-                take(x.mix_plan)
+                take(x.mix_plan, x.batch_number)
             return (x.as_subclass(torch.Tensor), *args[1:])
 
         self._handle = root.register_forward_pre_hook(hook)

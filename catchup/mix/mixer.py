@@ -120,7 +120,8 @@ class Mixer:
         self.label_smoothing, self.correct_lam, self.label_lam = label_smoothing, correct_lam, label_lam
         self.input_mixes = self._input_mixes()
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls, self.batch_number = seed, 0, -1
+        self._worker_start: int | None = None    # the call count a DataLoader worker's copy started from
         self.last_plan: MixPlan | None = None
         self.rng = np.random.default_rng([seed, 0])
         self.mixup_enabled = True    # timm's mixup-off switch: False -> plain (smoothed) one-hot targets
@@ -154,9 +155,8 @@ class Mixer:
                                f"{tuple(target.shape)}")
         # Each batch draws from its own stream, seeded by (seed, batch number): the state to checkpoint is one
         # counter, the same on every process (Accelerate saves custom state from the main process only).
-        worker = get_worker_info()   # collate in a DataLoader worker: each worker copy needs its own streams
-        self.rng = np.random.default_rng([self.seed, self.calls] + ([worker.seed] if worker is not None else []))
-        self.calls += 1
+        self.batch_number = self._next_batch_number()
+        self.rng = np.random.default_rng([self.seed, self.batch_number])
         plan = self.sample_plan(x) if self.mixup_enabled else None
         self.last_plan = plan   # for statistics (layer, label weight) in the training loop
         if plan is not None and plan.layer == 0:
@@ -174,7 +174,7 @@ class Mixer:
             raise CatchupError(f"{self.name} reads the live model while mixing: mix in the training loop, "
                                "not in the DataLoader collate_fn")
         if self._collate is None:
-            if self.hooks is not None:
+            if self.model is not None:
                 self._handover = PlanHandover(self.model, self._take_plan)
             self._collate = MixCollate(self)
         return self._collate
@@ -261,9 +261,24 @@ class Mixer:
         info = torch.iinfo(x.dtype)
         return self.mix_input(x.float(), target, plan).round_().clamp_(info.min, info.max).to(x.dtype)
 
-    def _take_plan(self, plan: MixPlan | None) -> None:
-        """A training forward's input carried this plan from the collate_fn: record it and arm the hooks."""
+    def _next_batch_number(self) -> int:
+        """The batch's number in the run. In the main process, the call count. A DataLoader worker's copy of the
+        mixer sees every num_workers-th batch (torch hands batches to its workers in turn), so it numbers them
+        from the count it started with as they are numbered in the loader's order."""
+        worker = get_worker_info()
+        number = self.calls
+        if worker is not None:
+            if self._worker_start is None:
+                self._worker_start = self.calls
+            number = self._worker_start + (self.calls - self._worker_start) * worker.num_workers + worker.id
+        self.calls += 1
+        return number
+
+    def _take_plan(self, plan: MixPlan | None, batch_number: int) -> None:
+        """A training forward's input carried this plan from the collate_fn: record it, arm the hooks, and
+        count the batch here too (collated in a worker, it was counted in the worker's copy only)."""
         self.last_plan = plan
+        self.calls = max(self.calls, batch_number + 1)
         self.arm(plan)
 
     def _input_mixes(self) -> tuple[str, ...]:
