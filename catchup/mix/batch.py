@@ -93,6 +93,8 @@ class PlanHandover:
     def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int], None]):
         root = unwrap_model(model)
 
+        # Runs eagerly under torch.compile, which traces module hooks but cannot trace this tensor subclass;
+        # the compiled graph starts after it, from the plain tensor.
         @torch._dynamo.disable
         def hook(module: nn.Module, args: tuple):
             if not args or not isinstance(args[0], PlannedBatch):

@@ -169,7 +169,15 @@ class Mixer:
     def collate(self) -> MixCollate:
         """DataLoader collate_fn (e.g. ``timm.data.create_loader(..., collate_fn=mixer.collate)``) returning
         timm's ``(x, soft_target)``; uint8 images stay uint8 for timm's prefetcher. ``x`` carries the batch's
-        plan to the model, whose forward pre-hook arms the stage hooks: the training loop hands nothing over."""
+        plan to the model, whose forward pre-hook arms the stage hooks: the training loop hands nothing over.
+
+        Resume: batch n of the run draws from the stream (seed, n), in worker processes too (a worker numbers
+        its batches by torch's turn-by-turn hand-out), and the model's training forwards advance ``calls`` in
+        the main process, which ``state_dict()`` saves. So a run resumed from a checkpoint with the loader
+        skipping the batches already seen replays the same plans, with ``num_workers=0`` or with workers that
+        restart each epoch (``persistent_workers=False``). Persistent workers keep their numbering across
+        epochs: plans stay distinct and reproducible from the seed, but replay after a mid-epoch resume only
+        when every epoch, and the resumed part, has a multiple of ``num_workers`` batches."""
         if self.live_model:
             raise CatchupError(f"{self.name} reads the live model while mixing: mix in the training loop, "
                                "not in the DataLoader collate_fn")
