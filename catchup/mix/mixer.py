@@ -22,7 +22,7 @@ from torch.utils.data import get_worker_info
 from catchup.errors import CatchupError
 from catchup.mix.batch import MixCollate, PlanHandover
 from catchup.mix.plan import MixPlan, StageHooks, soft_target
-from catchup.stages import Stage, probe_channels, resolve_stages
+from catchup.stages import Stage, probe_channels, resolve_stages, unwrap_model
 
 
 def rand_box(rng: np.random.Generator, height: int, width: int, lam: float,
@@ -96,7 +96,7 @@ class Mixer:
                  layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
                  label_lam: str = "exact", seed: int = 0, input_size: Sequence[int] | None = None):
         if num_classes is None:     # timm's train.py fills it from the model; so does this
-            num_classes = getattr(model, "num_classes", None)
+            num_classes = getattr(unwrap_model(model), "num_classes", None) if model is not None else None
             _check(num_classes is not None, "num_classes is required (the model has no num_classes)")
         if mixup_alpha is not None:
             _check(alpha is None or float(alpha) == float(mixup_alpha),
