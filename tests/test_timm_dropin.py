@@ -82,12 +82,14 @@ def timm_train_loop(model, loader, mixup_fn, epochs=2, mixup_off_epoch=0):
     return steps
 
 
-@pytest.mark.parametrize("name", ["mixup", "cutmix", "catchup"])
-def test_timm_training_loop_with_build_mixer_in_place_of_timm_mixup(name):
+@pytest.mark.parametrize("name,mode", [("mixup", "batch"), ("cutmix", "batch"), ("catchup", "batch"),
+                                       ("mixup", "elem"), ("cutmix", "pair")])
+def test_timm_training_loop_with_build_mixer_in_place_of_timm_mixup(name, mode):
     data = batches()
-    reference = timm_train_loop(TinyNet(), copy.deepcopy(data), Mixup(**mixup_args()), mixup_off_epoch=1)
+    args = mixup_args(mode=mode)
+    reference = timm_train_loop(TinyNet(), copy.deepcopy(data), Mixup(**args), mixup_off_epoch=1)
     model = TinyNet()
-    ours = timm_train_loop(model, copy.deepcopy(data), build_mixer(name, model, **mixup_args()), mixup_off_epoch=1)
+    ours = timm_train_loop(model, copy.deepcopy(data), build_mixer(name, model, **args), mixup_off_epoch=1)
     assert len(ours) == len(reference) == 12
     for step, timm_step in zip(ours, reference):
         (x, y), plan = step["clean"], step["plan"]
@@ -98,8 +100,11 @@ def test_timm_training_loop_with_build_mixer_in_place_of_timm_mixup(name):
             assert torch.allclose(step["target"], timm_step["target"])
             continue
         own = smoothed(y)
-        expected = own * plan.lam_eff + own[plan.index] * (1 - plan.lam_eff)
+        weight = plan.own_weight[:, None] if mode != "batch" else plan.lam_eff
+        expected = own * weight + own[plan.index] * (1 - weight)
         assert torch.allclose(step["target"], expected, atol=1e-6)
+        if mode != "batch":
+            continue        # per-sample mixing: see test_per_sample_and_per_pair_modes_of_the_input_methods
         if plan.layer > 0:
             assert torch.equal(step["input"], x)
         elif plan.extras["input_mix"] == "mixup":
@@ -160,8 +165,6 @@ def test_mixup_enabled_is_the_off_switch_and_enabled_its_alias():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(mode="elem"), "mode 'batch'"),
-    (dict(mode="pair"), "mode 'batch'"),
     (dict(mode="rows"), "mode must be one of"),
     (dict(switch_prob=1.5), "switch_prob"),
     (dict(mixup_alpha=0.0, cutmix_alpha=0.0), "one of mixup_alpha and cutmix_alpha"),
@@ -330,3 +333,44 @@ def test_collate_plans_are_numbered_by_batch_so_workers_and_a_resume_replay_them
     for workers in (0, 2):     # resume after the first batch: the rest of its epoch skips it, then whole epochs
         resumed, _ = collate_run(workers, state=states[0], epochs=(8, 0, 0))
         assert resumed == reference[1:]
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+@pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
+def test_per_sample_and_per_pair_modes_of_the_input_methods(mode, switch_prob):
+    x, y = batches(1, b=9)[0]                  # odd: in 'pair' mode one sample has no partner
+    mixer = build_mixer("cutmix", None, **mixup_args(mode=mode, switch_prob=switch_prob, prob=0.8))
+    kinds = []
+    for _ in range(12):
+        mixed, target, plan = mixer.prepare(x, y)
+        index, own = plan.index, plan.own_weight
+        if mode == "pair":
+            assert torch.equal(index[index], torch.arange(9))         # partners are each other's
+            assert int((index == torch.arange(9)).sum()) == 1
+        for i in range(9):
+            j = int(index[i])
+            lam = float(plan.extras["lams"][i])
+            if mode == "pair":
+                assert float(plan.extras["lams"][j]) == lam and own[j] == own[i]
+            if lam == 1.0 or i == j:
+                assert torch.allclose(mixed[i], x[i], atol=1e-6)
+            elif bool(plan.extras["use_cutmix"][i]):
+                kinds.append("cutmix")
+                from_partner = (mixed[i] != x[i]).any(0)
+                assert torch.equal(mixed[i][:, from_partner], x[j][:, from_partner])
+                assert float(own[i]) == pytest.approx(1 - float(from_partner.float().mean()), abs=1 / 16)
+            else:
+                kinds.append("mixup")
+                assert float(own[i]) == pytest.approx(lam)
+                assert torch.allclose(mixed[i], lam * x[i] + (1 - lam) * x[j], atol=1e-6)
+        expected = smoothed(y) * own[:, None] + smoothed(y)[index] * (1 - own[:, None])
+        assert torch.allclose(target, expected, atol=1e-6)
+    assert set(kinds) == {"mixup", "cutmix"} if switch_prob == 0.5 else \
+        set(kinds) == {"mixup" if switch_prob == 0.0 else "cutmix"}
+
+
+def test_methods_mixing_whole_batches_refuse_per_sample_modes():
+    with pytest.raises(CatchupError, match="catchup offers mode 'batch', not 'elem'"):
+        build_mixer("catchup", TinyNet(), **mixup_args(mode="elem"))
+    with pytest.raises(CatchupError, match="offers mode 'batch' or 'elem' or 'pair', not 'half'"):
+        build_mixer("mixup", None, **mixup_args(mode="half"))

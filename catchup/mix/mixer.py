@@ -58,7 +58,7 @@ def mixup(x: torch.Tensor, index: torch.Tensor, lam: float | torch.Tensor) -> to
     return x * lam + x[index] * (1.0 - lam)
 
 
-MODES = ("batch", "pair", "elem", "half")   # timm.data.Mixup's modes; every method here mixes whole batches
+MODES = ("batch", "pair", "elem", "half")   # timm.data.Mixup's modes
 
 
 class Mixer:
@@ -77,8 +77,10 @@ class Mixer:
       gives it), methods whose input layer is plain Mixup or CutMix (mixup, cutmix, manifold, catchup, alignmix)
       mix the input as timm does: CutMix with probability ``switch_prob`` when both alphas are > 0, else the
       one whose alpha is > 0. Methods with their own input mixing ignore it.
-    - ``mode``: only 'batch' (one lambda and one pairing per batch); partners are a random permutation rather
-      than timm's flipped batch, so odd batch sizes work.
+    - ``mode``: 'batch' (one lambda per batch) for every method; ``mixup`` and ``cutmix`` also offer timm's
+      'elem' (a lambda, a mix and the gate per sample) and 'pair' (per pair of samples that swap with each
+      other). Partners are a random permutation (pairing) rather than timm's flipped batch, so odd batch sizes
+      work; 'half' (a FastCollateMixup option) is not offered.
     - ``mixup_enabled = False`` (timm's mixup-off switch; ``enabled`` is the same flag): plain smoothed one-hot
       targets, nothing mixed.
     """
@@ -88,6 +90,7 @@ class Mixer:
     input_mix: str | None = "cutmix"       # layer 0: 'cutmix' or 'mixup'; None = the method's own mix_input
     feature_level = False                  # True: may mix hidden layers through the stage hooks
     live_model = False                     # True: mixing reads the model (saliency, CAMs, history): no collate_fn
+    modes: tuple[str, ...] = ("batch",)    # the timm modes the method offers
 
     def __init__(self, model: nn.Module | None = None, *, num_classes: int | None = None, alpha: float | None = None,
                  mixup_alpha: float | None = None, cutmix_alpha: float = 1.0,
@@ -108,8 +111,7 @@ class Mixer:
         _check(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         _check(label_lam in ("exact", "sampled"), f"label_lam must be 'exact' or 'sampled', got {label_lam!r}")
         _check(mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        _check(mode == "batch", f"{self.name} mixes whole batches (mode 'batch'); timm's per-{mode} mode is not "
-                                f"offered")
+        _check(mode in self.modes, f"{self.name} offers mode {' or '.join(map(repr, self.modes))}, not {mode!r}")
         _check(switch_prob is None or 0.0 <= switch_prob <= 1.0, f"switch_prob must be in [0, 1], got {switch_prob}")
         if cutmix_minmax is not None:
             _check(len(cutmix_minmax) == 2 and 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1,
