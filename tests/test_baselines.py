@@ -473,7 +473,7 @@ def test_puzzlemix_mixes_blockwise_and_weights_labels_by_the_mask():
             assert own[i].item() == pytest.approx(float(np.mean(shares)))
     mixer = build_mixer("puzzlemix", model, num_classes=5, seed=0)
     xm, target, plan = mixer.prepare(x, y)
-    own = plan.extras["own_weight"]
+    own = plan.own_weight
     for i in range(4):
         j = int(plan.index[i])
         if j != i:

@@ -224,16 +224,16 @@ def test_state_dict_replays_the_same_plans():
     assert all(torch.equal(p.index, q.index) for p, q in zip(first, again))
 
 
-def test_collate_returns_the_plan_for_the_main_process():
+def test_collate_carries_the_plan_to_the_model():
     model = TinyNet()
     mixer = build_mixer("catchup", model, num_classes=5, layers=["b"])
     samples = [(torch.randn(3, 8, 8), i % 5) for i in range(4)]
-    x, target, plan = mixer.collate(samples)
+    x, target = mixer.collate(samples)
+    plan = x.mix_plan
     assert isinstance(plan, MixPlan) and plan.layer == 1 and target.shape == (4, 5)
     assert mixer.hooks.plan is None                # collate never arms (it runs in worker processes)
     calls = record_applications(mixer)
-    mixer.arm(plan.to("cpu"))
-    model(x)
+    model(x.to("cpu"))                             # the model's pre-hook takes the plan off the input
     assert calls == [1]
 
 

@@ -9,13 +9,14 @@ from torch import nn
 
 from catchup.errors import CatchupError
 from catchup.mix.alignmix import AlignMix
+from catchup.mix.batch import MixCollate, PlannedBatch
 from catchup.mix.catchup import CatchUpMix, catchup_mix, filter_influence
 from catchup.mix.comixup import CoMixup
 from catchup.mix.input import CutMix, InputMixup
 from catchup.mix.manifold import ManifoldMixup, manifold_mix
 from catchup.mix.mixer import Mixer, NoMix
 from catchup.mix.moex import MoEx, moex
-from catchup.mix.plan import MixPlan, StageHooks
+from catchup.mix.plan import MixPlan, StageHooks, soft_target
 from catchup.mix.puzzlemix import PuzzleMix
 from catchup.mix.recursivemix import RecursiveMix
 from catchup.mix.resizemix import ResizeMix
@@ -33,16 +34,19 @@ def mixer_options(name: str) -> set[str]:
     return {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
 
 
-def build_mixer(name: str, model: nn.Module | None = None, *, num_classes: int, **options: Any) -> Mixer:
-    """The mixer called ``name`` (see ``MIXERS``) for ``model``; options are the Mixer arguments."""
+def build_mixer(name: str, model: nn.Module | None = None, **options: Any) -> Mixer:
+    """The mixer called ``name`` (see ``MIXERS``) for ``model``; options are the Mixer arguments, timm's
+    ``mixup_args`` included, so ``build_mixer(name, model, **mixup_args)`` replaces ``timm.data.Mixup(**mixup_args)``
+    (and its ``.collate`` replaces ``FastCollateMixup``). ``num_classes`` defaults to the model's."""
     cls = _method(name)
     unknown = sorted(set(options) - mixer_options(name))
     if unknown:
         raise CatchupError(f"mixing method {name!r} takes no option {', '.join(map(repr, unknown))}")
-    return cls(model, num_classes=num_classes, **options)
+    return cls(model, **options)
 
 
-__all__ = ["MIXERS", "build_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "NoMix", "InputMixup", "CutMix",
+__all__ = ["MIXERS", "build_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "soft_target", "MixCollate",
+           "PlannedBatch", "NoMix", "InputMixup", "CutMix",
            "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex",
            "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix", "CoMixup"]
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from catchup.errors import CatchupError
 from catchup.mix.mixer import Mixer, _check
-from catchup.mix.plan import MixPlan, smooth_one_hot
+from catchup.mix.plan import MixPlan
 from catchup.mix.puzzlemix import input_saliency
 from catchup.stages import unwrap_model
 
@@ -183,13 +183,14 @@ class CoMixup(Mixer):
 
     The soft target of output o is sum_j w[o, j] * y_j with w the mask-area share of input j in o. Outputs
     have no single partner, so ``plan.index[o]`` is the input with the largest share in output o and
-    ``plan.lam``/``plan.lam_eff`` the mean of those largest shares; ``plan.extras`` holds ``mask`` and ``weights``.
+    ``plan.lam``/``plan.lam_eff`` the mean of those largest shares; ``plan.label_matrix`` holds w and
+    ``plan.extras["mask"]`` the block mask.
     """
     name = "comixup"
     live_model = True
     default_alpha = 2.0
     default_layers = (0,)
-    input_mix = "mixup"
+    input_mix = None
 
     def __init__(self, model=None, *, beta: float = 0.32, gamma: float = 1.0, eta: float = 0.05, thres: float = 0.83,
                  thres_type: str = "hard", omega: float = 0.001, block_num: int = 4, part_size: int = 20,
@@ -214,31 +215,27 @@ class CoMixup(Mixer):
         self._clean_loss: torch.Tensor | None = None
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return None
+        self._clean_loss = None
+        return super().sample_plan(x)
+
+    def pair(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(batch_size, device=device)   # outputs get their inputs from the graph cut, not a pairing
+
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         block_num = self.block_num if self.block_num > 0 else int(2 ** self.rng.integers(1, 5))
-        index = torch.arange(x.shape[0], device=x.device)
         return MixPlan(0, 1.0, index, 1.0, {"block_num": block_num})
 
-    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        self._clean_loss = None
-        x, soft, plan = super().prepare(x, target)
-        if plan is not None:
-            y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
-            soft = plan.extras["weights"].to(y.device, y.dtype) @ y
-        return x, soft, plan
-
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         block_num = plan.extras["block_num"]
         if x.shape[-1] != x.shape[-2] or x.shape[-1] % block_num:
             raise CatchupError(f"comixup needs square images with a side divisible by block_num {block_num}, "
                                f"got {tuple(x.shape[-2:])}")
-        saliency = self._saliency(x, self.batch_target)
+        saliency = self._saliency(x, target)
         with torch.no_grad():
             x, mask = comixup(x, saliency, self.rng, block_num, self.part_size, self.omega, **self.options)
         weights = mask.float().mean((1, 2))                  # [B_out, B_in] area shares
         top, plan.index = weights.max(1)
-        plan.extras.update(mask=mask, weights=weights)
+        plan.extras["mask"], plan.label_matrix = mask, weights
         plan.lam = plan.lam_eff = float(top.mean())
         return x
 

@@ -2,8 +2,12 @@
 
 ``mixer(x, target) -> (x, soft_target)`` samples the plan for the batch, mixes the input itself when the plan's
 layer is 0, and otherwise arms the stage hook so the next training forward mixes features at that layer.
-``mixer.collate`` is the same data-side half as a DataLoader collate_fn: it returns ``(x, soft_target, plan)``
-and the training loop hands the plan back with ``mixer.arm(plan)``.
+``mixer.collate`` is the same data-side half as a DataLoader collate_fn returning timm's ``(x, soft_target)``;
+the plan rides on ``x`` to the model (see ``catchup.mix.batch``).
+
+A method is one small class: ``input_plan``/``mix_input`` for its own input mixing, ``feature_plan``/
+``mix_features`` for hidden layers. The probability gate, the partner draw and the soft target (built from
+the plan by ``plan.soft_target``) are shared.
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import get_worker_info
 
 from catchup.errors import CatchupError
-from catchup.mix.plan import MixPlan, StageHooks, mixed_target, smooth_one_hot
-from catchup.stages import Stage, probe_channels, resolve_stages
+from catchup.mix.batch import MixCollate, PlanHandover
+from catchup.mix.plan import MixPlan, StageHooks, soft_target
+from catchup.stages import Stage, probe_channels, resolve_stages, unwrap_model
 
 
 def rand_box(rng: np.random.Generator, height: int, width: int, lam: float,
@@ -53,47 +58,90 @@ def mixup(x: torch.Tensor, index: torch.Tensor, lam: float | torch.Tensor) -> to
     return x * lam + x[index] * (1.0 - lam)
 
 
-class Mixer:
-    """Base of every method. Subclasses set the class attributes and override ``feature_plan``/``mix_features``.
+MODES = ("batch", "pair", "elem", "half")   # timm.data.Mixup's modes
 
-    Argument names follow timm.data.Mixup where the concept exists (``prob``, ``cutmix_alpha``, ``cutmix_minmax``,
-    ``correct_lam``, ``label_smoothing``, ``num_classes``); ``alpha`` is the Beta parameter of lambda.
+
+class Mixer:
+    """Base of every method; a drop-in for ``timm.data.Mixup`` (and, as ``collate``, ``FastCollateMixup``).
+
+    Arguments are timm.data.Mixup's (``mixup_alpha``, ``cutmix_alpha``, ``cutmix_minmax``, ``prob``,
+    ``switch_prob``, ``mode``, ``correct_lam``, ``label_smoothing``, ``num_classes``), so timm's ``mixup_args``
+    pass through unchanged; ``alpha`` is the same Beta parameter as ``mixup_alpha`` (give one). Their meaning
+    here:
+
+    - ``prob``: the share of batches mixed (one gate per batch, every method).
+    - ``mixup_alpha``/``alpha``: lambda ~ Beta(alpha, alpha) of the method (feature layers, input Mixup, the
+      method's own input mixing); ``cutmix_alpha``: lambda of input CutMix; ``cutmix_minmax`` turns CutMix on
+      with timm's min/max boxes.
+    - ``switch_prob``: None (the default) keeps each method's own input mixing. Given (timm's train.py always
+      gives it), methods whose input layer is plain Mixup or CutMix (mixup, cutmix, manifold, catchup, alignmix)
+      mix the input as timm does: CutMix with probability ``switch_prob`` when both alphas are > 0, else the
+      one whose alpha is > 0. Methods with their own input mixing ignore it.
+    - ``mode``: 'batch' (one lambda per batch) for every method; ``mixup`` and ``cutmix`` also offer timm's
+      'elem' (a lambda, a mix and the gate per sample) and 'pair' (per pair of samples that swap with each
+      other). Partners are a random permutation (pairing) rather than timm's flipped batch, so odd batch sizes
+      work; 'half' (a FastCollateMixup option) is not offered.
+    - ``mixup_enabled = False`` (timm's mixup-off switch; ``enabled`` is the same flag): plain smoothed one-hot
+      targets, nothing mixed.
     """
     name = "none"
     default_alpha = 1.0
     default_layers: tuple[int, ...] | None = ()  # layers sampled by default; () = none, None = every layer
-    input_mix = "cutmix"                   # what layer 0 does: 'cutmix' or 'mixup'
+    input_mix: str | None = "cutmix"       # layer 0: 'cutmix' or 'mixup'; None = the method's own mix_input
     feature_level = False                  # True: may mix hidden layers through the stage hooks
     live_model = False                     # True: mixing reads the model (saliency, CAMs, history): no collate_fn
+    modes: tuple[str, ...] = ("batch",)    # the timm modes the method offers
 
-    def __init__(self, model: nn.Module | None = None, *, num_classes: int, alpha: float | None = None,
-                 cutmix_alpha: float = 1.0, cutmix_minmax: Sequence[float] | None = None, prob: float = 1.0,
-                 label_smoothing: float = 0.0, correct_lam: bool = True, layers: Sequence[int | str] | None = None,
-                 layer_weights: Sequence[float] | None = None, label_lam: str = "exact", seed: int = 0,
-                 input_size: Sequence[int] | None = None):
+    def __init__(self, model: nn.Module | None = None, *, num_classes: int | None = None, alpha: float | None = None,
+                 mixup_alpha: float | None = None, cutmix_alpha: float = 1.0,
+                 cutmix_minmax: Sequence[float] | None = None, prob: float = 1.0, switch_prob: float | None = None,
+                 mode: str = "batch", label_smoothing: float = 0.0, correct_lam: bool = True,
+                 layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
+                 label_lam: str = "exact", seed: int = 0, input_size: Sequence[int] | None = None):
+        if num_classes is None:     # timm's train.py fills it from the model; so does this
+            num_classes = getattr(unwrap_model(model), "num_classes", None) if model is not None else None
+            _check(num_classes is not None, "num_classes is required (the model has no num_classes)")
+        if mixup_alpha is not None:
+            _check(alpha is None or float(alpha) == float(mixup_alpha),
+                   f"alpha and mixup_alpha are the same setting; got {alpha} and {mixup_alpha}")
+            alpha = mixup_alpha
         self.alpha = self.default_alpha if alpha is None else float(alpha)
         _check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
-        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        _check(cutmix_alpha > 0, f"cutmix_alpha must be > 0, got {cutmix_alpha}")
         _check(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
         _check(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
         _check(label_lam in ("exact", "sampled"), f"label_lam must be 'exact' or 'sampled', got {label_lam!r}")
+        _check(mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _check(mode in self.modes, f"{self.name} offers mode {' or '.join(map(repr, self.modes))}, not {mode!r}")
+        _check(switch_prob is None or 0.0 <= switch_prob <= 1.0, f"switch_prob must be in [0, 1], got {switch_prob}")
         if cutmix_minmax is not None:
             _check(len(cutmix_minmax) == 2 and 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1,
                    f"cutmix_minmax must be [min, max] with 0 < min < max <= 1, got {cutmix_minmax}")
+            cutmix_alpha = cutmix_alpha or 1.0     # as timm: min/max boxes turn CutMix on
         self.num_classes, self.cutmix_alpha, self.cutmix_minmax = num_classes, float(cutmix_alpha), cutmix_minmax
-        self.prob, self.label_smoothing, self.correct_lam = prob, label_smoothing, correct_lam
-        self.label_lam = label_lam
+        self.prob, self.switch_prob, self.mode = prob, switch_prob, mode
+        self.label_smoothing, self.correct_lam, self.label_lam = label_smoothing, correct_lam, label_lam
+        self.input_mixes = self._input_mixes()
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls, self.batch_number = seed, 0, -1
+        self._worker_start: int | None = None    # the call count a DataLoader worker's copy started from
         self.last_plan: MixPlan | None = None
-        self.batch_target: torch.Tensor | None = None
         self.rng = np.random.default_rng([seed, 0])
-        self.enabled = True    # the mixup_off_epoch switch: False -> plain (smoothed) one-hot targets
+        self.mixup_enabled = True    # timm's mixup-off switch: False -> plain (smoothed) one-hot targets
         self.stages = self._resolve_stages(model, layers, input_size)
         self.layer_weights = _normalized_weights(layer_weights, len(self.stages))
         needs_hooks = any(s.module_name for s in self.stages)
         self.hooks = StageHooks(model, self.stages, self.mix_features) if needs_hooks else None
+        self._handover: PlanHandover | None = None
+        self._collate: MixCollate | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """The same flag as ``mixup_enabled`` (the name the project's own training script uses)."""
+        return self.mixup_enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.mixup_enabled = bool(value)
 
     # ---- what the training loop calls -------------------------------------------------------------------
 
@@ -103,76 +151,99 @@ class Mixer:
         return x, soft_target
 
     def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        """The data-side half: sample the plan, mix the input if layer 0, build the soft target."""
+        """The data-side half: sample the plan, mix the input if layer 0, build the soft target from the plan."""
         if x.dim() != 4 or target.dim() != 1 or x.shape[0] != target.shape[0]:
             raise CatchupError(f"mixer expects x [B, C, H, W] and target [B], got {tuple(x.shape)} and "
                                f"{tuple(target.shape)}")
         # Each batch draws from its own stream, seeded by (seed, batch number): the state to checkpoint is one
         # counter, the same on every process (Accelerate saves custom state from the main process only).
-        worker = get_worker_info()   # collate in a DataLoader worker: each worker copy needs its own streams
-        self.rng = np.random.default_rng([self.seed, self.calls] + ([worker.seed] if worker is not None else []))
-        self.calls += 1
-        plan = self.sample_plan(x) if self.enabled else None
+        self.batch_number = self._next_batch_number()
+        self.rng = np.random.default_rng([self.seed, self.batch_number])
+        plan = self.sample_plan(x) if self.mixup_enabled else None
         self.last_plan = plan   # for statistics (layer, label weight) in the training loop
-        if plan is None:
-            return x, smooth_one_hot(target, self.num_classes, self.label_smoothing), None
-        if plan.layer == 0:
-            self.batch_target = target     # for input mixing that reads the labels (own-class saliency, CAMs)
-            try:
-                x = self.mix_input(x, plan)
-            finally:
-                self.batch_target = None
-        soft = mixed_target(target, plan.index, plan.lam_eff, self.num_classes, self.label_smoothing)
+        if plan is not None and plan.layer == 0:
+            x = self._mix_input_as(x, target, plan)
+        soft = soft_target(plan, target, self.num_classes, self.label_smoothing)
+        self.observe(x, soft, plan)
         return x, soft, plan
 
-    def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        """DataLoader collate_fn: ``(x, soft_target, plan)``; pass the plan to ``mixer.arm`` before the forward.
+    @property
+    def collate(self) -> MixCollate:
+        """DataLoader collate_fn (e.g. ``timm.data.create_loader(..., collate_fn=mixer.collate)``) returning
+        timm's ``(x, soft_target)``; uint8 images stay uint8 for timm's prefetcher. ``x`` carries the batch's
+        plan to the model, whose forward pre-hook arms the stage hooks: the training loop hands nothing over.
 
-        Worker processes hold copies of the mixer: toggling ``enabled`` in the main process reaches them only
-        when the workers are started again (use ``persistent_workers=False`` or rebuild the loader).
-        """
+        Resume: batch n of the run draws from the stream (seed, n), in worker processes too (a worker numbers
+        its batches by torch's turn-by-turn hand-out), and the model's training forwards advance ``calls`` in
+        the main process, which ``state_dict()`` saves. So a run resumed from a checkpoint with the loader
+        skipping the batches already seen replays the same plans, with ``num_workers=0`` or with workers that
+        restart each epoch (``persistent_workers=False``). Persistent workers keep their numbering across
+        epochs: plans stay distinct and reproducible from the seed, but replay after a mid-epoch resume only
+        when every epoch, and the resumed part, has a multiple of ``num_workers`` batches."""
         if self.live_model:
             raise CatchupError(f"{self.name} reads the live model while mixing: mix in the training loop, "
                                "not in the DataLoader collate_fn")
-        x, target = default_collate(batch)[:2]
-        return self.prepare(x, target)
+        if self._collate is None:
+            if self.model is not None:
+                self._handover = PlanHandover(self.model, self._take_plan)
+            self._collate = MixCollate(self)
+        return self._collate
 
     def arm(self, plan: MixPlan | None) -> None:
         if self.hooks is not None:
             self.hooks.arm(plan)
-
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if not self.stages or (self.prob < 1.0 and self.rng.random() >= self.prob):
-            return None
-        k = int(self.rng.choice(len(self.stages), p=self.layer_weights)) if len(self.stages) > 1 else 0
-        stage = self.stages[k]
-        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
-        if stage.module_name is None:
-            alpha = self.cutmix_alpha if self.input_mix == "cutmix" else self.alpha
-            lam = float(self.rng.beta(alpha, alpha))
-            return MixPlan(layer=0, lam=lam, index=index, lam_eff=lam)
-        return self.feature_plan(stage, index)
 
     def auxiliary_loss(self, logits: torch.Tensor) -> torch.Tensor | None:
         """An extra loss term a method adds after the forward (e.g. a consistency term); None for most."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "enabled": self.enabled}
+        return {"calls": self.calls, "enabled": self.mixup_enabled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = int(state["calls"])
-        self.enabled = bool(state["enabled"])
+        self.mixup_enabled = bool(state["enabled"])
 
     def remove(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
+        if self._handover is not None:
+            self._handover.remove()
+
+    # ---- the shared sampling: one gate, one pairing --------------------------------------------------
+
+    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
+        if not self.stages or not self.gate():
+            return None
+        k = int(self.rng.choice(len(self.stages), p=self.layer_weights)) if len(self.stages) > 1 else 0
+        stage = self.stages[k]
+        index = self.pair(x.shape[0], x.device)
+        if stage.module_name is None:
+            return self.input_plan(x, index)
+        return self.feature_plan(stage, index)
+
+    def gate(self) -> bool:
+        """Whether this batch is mixed (probability ``prob``)."""
+        return self.prob >= 1.0 or self.rng.random() < self.prob
+
+    def pair(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The partner of each sample: a random permutation of the batch."""
+        return torch.from_numpy(self.rng.permutation(batch_size)).to(device)
 
     # ---- what a method defines -----------------------------------------------------------------------
 
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
+        """Layer 0: CutMix or Mixup (see ``switch_prob``), lambda from the matching alpha."""
+        kind = self.input_mixes[0]
+        if len(self.input_mixes) > 1:
+            kind = "cutmix" if self.rng.random() < self.switch_prob else "mixup"
+        alpha = self.cutmix_alpha if kind == "cutmix" else self.alpha
+        lam = float(self.rng.beta(alpha, alpha))
+        return MixPlan(0, lam, index, lam, {"input_mix": kind})
+
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         """Layer 0: CutMix (lambda corrected to the box area when ``correct_lam``) or input Mixup."""
-        if self.input_mix == "mixup":
+        if plan.extras.get("input_mix", self.input_mix) == "mixup":
             return mixup(x, plan.index, plan.lam)
         box = rand_box(self.rng, x.shape[-2], x.shape[-1], plan.lam, self.cutmix_minmax)
         if self.correct_lam or self.cutmix_minmax is not None:
@@ -187,7 +258,54 @@ class Mixer:
     def mix_features(self, h: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         raise CatchupError(f"method {self.name!r} does not mix features")
 
+    def observe(self, x: torch.Tensor, soft: torch.Tensor, plan: MixPlan | None) -> None:
+        """Sees every batch the mixer returns (mixed or not): for methods with a history, such as RecursiveMix."""
+
     # ---- helpers -------------------------------------------------------------------------------------
+
+    def _mix_input_as(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """``mix_input`` in float for integer images (timm's uint8 prefetcher batches), rounded back as timm's
+        FastCollateMixup does: every input mix commutes with the per-channel normalisation applied later."""
+        if x.is_floating_point():
+            return self.mix_input(x, target, plan)
+        info = torch.iinfo(x.dtype)
+        return self.mix_input(x.float(), target, plan).round_().clamp_(info.min, info.max).to(x.dtype)
+
+    def _next_batch_number(self) -> int:
+        """The batch's number in the run. In the main process, the call count. A DataLoader worker's copy of the
+        mixer sees every num_workers-th batch (torch hands batches to its workers in turn), so it numbers them
+        from the count it started with as they are numbered in the loader's order."""
+        worker = get_worker_info()
+        number = self.calls
+        if worker is not None:
+            if self._worker_start is None:
+                self._worker_start = self.calls
+            number = self._worker_start + (self.calls - self._worker_start) * worker.num_workers + worker.id
+        self.calls += 1
+        return number
+
+    def _take_plan(self, plan: MixPlan | None, batch_number: int) -> None:
+        """A training forward's input carried this plan from the collate_fn: record it, arm the hooks, and
+        count the batch here too (collated in a worker, it was counted in the worker's copy only)."""
+        self.last_plan = plan
+        self.calls = max(self.calls, batch_number + 1)
+        self.arm(plan)
+
+    def _input_mixes(self) -> tuple[str, ...]:
+        """The input mixes layer 0 chooses between, and the alpha checks they need."""
+        plain_input_only = self.input_mix is not None and not self.feature_level
+        _check(self.alpha > 0 or (plain_input_only and self.alpha == 0), f"alpha must be > 0, got {self.alpha}")
+        _check(self.cutmix_alpha >= 0, f"cutmix_alpha must be >= 0, got {self.cutmix_alpha}")
+        if self.input_mix is None:
+            return ()
+        if self.switch_prob is None:
+            alpha = self.cutmix_alpha if self.input_mix == "cutmix" else self.alpha
+            _check(alpha > 0, f"{'cutmix_alpha' if self.input_mix == 'cutmix' else 'alpha'} must be > 0 for "
+                              f"{self.name}'s input {self.input_mix}, got {alpha}")
+            return (self.input_mix,)
+        mixes = tuple(k for k, a in (("mixup", self.alpha), ("cutmix", self.cutmix_alpha)) if a > 0)
+        _check(bool(mixes), "one of mixup_alpha and cutmix_alpha must be > 0")
+        return mixes
 
     def _resolve_stages(self, model, layers, input_size) -> list[Stage]:
         if layers is None:

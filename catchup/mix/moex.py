@@ -28,6 +28,7 @@ class MoEx(Mixer):
     with a fixed ``lam`` (0.5 in the CIFAR setting of the paper's authors' code; ImageNet used 0.9)."""
     name = "moex"
     default_layers = (1,)
+    input_mix = None           # layer 0 (when asked for) exchanges the moments of the input
     feature_level = True
 
     def __init__(self, model=None, *, lam: float = 0.5, eps: float = 1e-5, **kwargs: Any):
@@ -35,16 +36,14 @@ class MoEx(Mixer):
         self.lam, self.eps = float(lam), float(eps)
         super().__init__(model, **kwargs)
 
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        plan = super().sample_plan(x)
-        if plan is not None:    # the exchange weight is fixed, not drawn from Beta(alpha, alpha)
-            plan.lam = plan.lam_eff = self.lam
-        return plan
+    # the exchange weight is fixed, not drawn from Beta(alpha, alpha)
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
+        return MixPlan(0, self.lam, index, self.lam)
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         return MixPlan(stage.layer, self.lam, index, self.lam)
 
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         return moex(x, plan.index, self.eps)
 
     def mix_features(self, h: torch.Tensor, plan: MixPlan) -> torch.Tensor:

@@ -20,16 +20,31 @@ from catchup.stages import Stage, stage_layout, unwrap_model
 
 @dataclass
 class MixPlan:
+    """What one batch's mixing does, and everything its soft target needs (see ``soft_target``).
+
+    The label of sample i is ``own_weight[i] * y_i + partner_weight[i] * y_index[i]``; the weights default to
+    ``lam_eff`` and ``1 - lam_eff`` for the whole batch. ``partner_target`` replaces the partner's one-hot rows
+    by given soft rows (RecursiveMix's history); ``label_matrix`` replaces the pairwise form altogether
+    (output o's label is ``sum_j label_matrix[o, j] * y_j``: Co-Mixup's many-to-many assignment).
+    """
     layer: int                 # 0 = input, k > 0 = stage k of the mixer's layer list
     lam: float                 # the sampled mixing ratio
     index: torch.Tensor        # LongTensor[B]: the partner of each sample
-    lam_eff: float             # the weight of the sample's own label in the soft target
-    extras: dict = field(default_factory=dict)  # method-specific tensors (e.g. Catch-up Mix's kept-channel count)
+    lam_eff: float             # the weight of the sample's own label (the batch mean where it varies per sample)
+    extras: dict = field(default_factory=dict)  # method-specific values for mixing (e.g. the kept-channel count)
+    own_weight: torch.Tensor | None = None       # [B] per-sample weight of the own label (None: lam_eff)
+    partner_weight: torch.Tensor | None = None   # [B] weight of the partner's label (None: 1 - own weight)
+    partner_target: torch.Tensor | None = None   # [B, N] soft rows standing in for the partner's labels
+    label_matrix: torch.Tensor | None = None     # [B, B] output-by-input label weights (replaces the above)
 
     def to(self, device, non_blocking: bool = False) -> "MixPlan":
         """Moves the tensors (Accelerate's send_to_device calls this when a plan travels with a batch)."""
         move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return replace(self, index=move(self.index), extras={k: move(v) for k, v in self.extras.items()})
+        return replace(self, index=move(self.index), extras={k: move(v) for k, v in self.extras.items()},
+                       **{k: move(getattr(self, k)) for k in _LABEL_FIELDS})
+
+
+_LABEL_FIELDS = ("own_weight", "partner_weight", "partner_target", "label_matrix")
 
 
 FeatureMixFn = Callable[[torch.Tensor, MixPlan], torch.Tensor]
@@ -95,8 +110,18 @@ def smooth_one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.
     return out.scatter_(1, target.long().view(-1, 1), 1.0 - smoothing + off)
 
 
-def mixed_target(target: torch.Tensor, index: torch.Tensor, weight: float, num_classes: int,
-                 smoothing: float = 0.0) -> torch.Tensor:
-    """``weight * y + (1 - weight) * y[index]`` on smoothed one-hot rows (each row sums to one)."""
+def soft_target(plan: MixPlan | None, target: torch.Tensor, num_classes: int,
+                smoothing: float = 0.0) -> torch.Tensor:
+    """The soft target of a batch mixed by ``plan`` (None: not mixed), on smoothed one-hot rows: the one place
+    every method's labels are made."""
     y = smooth_one_hot(target, num_classes, smoothing)
-    return y * weight + y[index.to(y.device)] * (1.0 - weight)
+    if plan is None:
+        return y
+    if plan.label_matrix is not None:
+        return plan.label_matrix.to(y.device, y.dtype) @ y
+    column = lambda w: w.to(y.device, y.dtype)[:, None]    # noqa: E731
+    own = column(plan.own_weight) if plan.own_weight is not None else plan.lam_eff
+    partner = column(plan.partner_weight) if plan.partner_weight is not None else 1.0 - own
+    other = plan.partner_target.to(y.device, y.dtype) if plan.partner_target is not None \
+        else y[plan.index.to(y.device)]
+    return y * own + other * partner

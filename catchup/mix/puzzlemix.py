@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from catchup.errors import CatchupError
 from catchup.mix.mixer import Mixer, _check
-from catchup.mix.plan import MixPlan, smooth_one_hot
+from catchup.mix.plan import MixPlan
 from catchup.stages import unwrap_model
 
 __all__ = ["PuzzleMix", "input_saliency", "graphcut_mask", "mask_transport", "transport_image", "puzzlemix"]
@@ -185,7 +185,7 @@ class PuzzleMix(Mixer):
     live_model = True
     default_alpha = 1.0
     default_layers = (0,)
-    input_mix = "cutmix"
+    input_mix = None
 
     def __init__(self, model=None, *, beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 4,
                  n_labels: int = 3, transport: bool = True, t_size: int = 4, t_eps: float = 0.8,
@@ -206,29 +206,17 @@ class PuzzleMix(Mixer):
                                 n_labels=int(n_labels), mean=self.mean, std=self.std)
         self.transport, self.t_size, self.t_eps = bool(transport), int(t_size), float(t_eps)
 
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return None
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         block_num = int(2 ** self.rng.integers(1, 5))
-        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
         lam = float(self.rng.beta(self.alpha, self.alpha))
         return MixPlan(0, lam, index, lam, {"block_num": block_num})
 
-    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        x, soft, plan = super().prepare(x, target)
-        if plan is not None:
-            y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
-            own = plan.extras["own_weight"].to(y.device)[:, None]
-            soft = y * own + y[plan.index.to(y.device)] * (1 - own)
-        return x, soft, plan
-
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         if x.shape[-1] != x.shape[-2] or x.shape[-1] % 16:
             raise CatchupError(f"puzzlemix needs square images with a side divisible by 16, got {tuple(x.shape[-2:])}")
-        saliency = input_saliency(self.model, x, self.batch_target)
+        saliency = input_saliency(self.model, x, target)
         with torch.no_grad():
             x, own = puzzlemix(x, saliency, plan.index, plan.lam, plan.extras["block_num"], self.transport,
                                self.t_size, self.t_eps, **self.mask_kwargs)
-        plan.extras["own_weight"] = own
-        plan.lam_eff = float(own.mean())
+        plan.own_weight, plan.lam_eff = own, float(own.mean())
         return x

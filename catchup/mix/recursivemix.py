@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from catchup.mix.mixer import Mixer, _check, rand_box
-from catchup.mix.plan import MixPlan, smooth_one_hot
+from catchup.mix.plan import MixPlan
 from catchup.stages import unwrap_model
 
 __all__ = ["RecursiveMix", "recursive_mix", "recursive_target", "roi_consistency"]
@@ -68,13 +68,13 @@ class RecursiveMix(Mixer):
     live_model = True
     default_alpha = 0.5
     default_layers = (0,)
-    input_mix = "cutmix"
+    input_mix = None
 
-    def __init__(self, model=None, *, omega: float = 0.5, mode: str = "nearest", **kwargs: Any):
+    def __init__(self, model=None, *, omega: float = 0.5, interpolation: str = "nearest", **kwargs: Any):
         _check(omega >= 0, f"recursivemix omega must be >= 0, got {omega}")
-        _check(mode in ("nearest", "bilinear", "bicubic", "area"), f"recursivemix mode {mode!r} is not an "
-               "interpolation mode (nearest, bilinear, bicubic, area)")
-        self.omega, self.mode = float(omega), mode
+        _check(interpolation in ("nearest", "bilinear", "bicubic", "area"), f"recursivemix interpolation "
+               f"{interpolation!r} is not one of nearest, bilinear, bicubic, area")
+        self.omega, self.interpolation = float(omega), interpolation
         super().__init__(model, **kwargs)
         _check(self.alpha <= 1.0, f"recursivemix alpha is the largest pasted area share, in (0, 1]; got {self.alpha}")
         self._history: dict[str, torch.Tensor | None] = {"x": None, "target": None, "logits": None}
@@ -113,27 +113,28 @@ class RecursiveMix(Mixer):
     # ---- mixing --------------------------------------------------------------------------------------
 
     def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        old = self._history["x"]
-        if old is None or (self.prob < 1.0 and self.rng.random() >= self.prob):
-            return None
+        self._pending = None
+        return super().sample_plan(x) if self._history["x"] is not None else None
+
+    def pair(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Not partners but the history row each sample is pasted from: cyclic when the history is short."""
+        return torch.arange(batch_size, device=device) % self._history["x"].shape[0]
+
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         share = float(self.rng.uniform(0.0, self.alpha))
         box = rand_box(self.rng, x.shape[-2], x.shape[-1], 1.0 - share)
-        rows = torch.arange(x.shape[0], device=x.device) % old.shape[0]   # history rows, cyclic if it is short
-        return MixPlan(0, share, rows, 1.0, {"box": box})
+        return MixPlan(0, share, index, 1.0, {"box": box})
 
-    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        self._pending = None
-        x, soft, plan = super().prepare(x, target)
-        if plan is not None:
-            y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
-            soft = recursive_target(y, plan.extras["old_target"].to(y.device), plan.lam_eff)
+    def observe(self, x: torch.Tensor, soft: torch.Tensor, plan: MixPlan | None) -> None:
+        if plan is None:
+            self._pending = None
         self._history = {"x": x.detach().clone(), "target": soft.detach().clone(), "logits": None}
-        return x, soft, plan
 
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         rows, hist = plan.index, self._history
-        x, plan.lam_eff = recursive_mix(x, hist["x"].to(x.device)[rows], plan.extras["box"], self.mode)
-        plan.extras["old_target"] = hist["target"][rows.to(hist["target"].device)]
+        x, plan.lam_eff = recursive_mix(x, hist["x"].to(x.device)[rows], plan.extras["box"], self.interpolation)
+        # the labels mix recursively: the pasted rows bring the previous batch's soft targets
+        plan.partner_target = hist["target"][rows.to(hist["target"].device)]
         if plan.lam_eff < 1.0 and hist["logits"] is not None:
             self._pending = {"box": plan.extras["box"], "lam": plan.lam_eff, "image_size": tuple(x.shape[-2:]),
                              "logits": hist["logits"].to(x.device)[rows]}

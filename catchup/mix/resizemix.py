@@ -36,31 +36,30 @@ def resizemix(x: torch.Tensor, index: torch.Tensor, box: tuple[int, int, int, in
 
 
 class ResizeMix(Mixer):
-    """ResizeMix; options ``scale`` ([min, max] of tau, default [0.1, 0.8]) and ``mode`` (resize interpolation).
+    """ResizeMix; options ``scale`` ([min, max] of tau, default [0.1, 0.8]) and ``interpolation`` (of the resize).
 
     ``alpha`` is unused: tau is uniform, as in the paper.
     """
     name = "resizemix"
     default_layers = (0,)
-    input_mix = "cutmix"
+    input_mix = None
 
-    def __init__(self, model=None, *, scale: Sequence[float] = (0.1, 0.8), mode: str = "nearest", **kwargs: Any):
+    def __init__(self, model=None, *, scale: Sequence[float] = (0.1, 0.8), interpolation: str = "nearest",
+                 **kwargs: Any):
         _check(len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
                f"resizemix scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
-        _check(mode in MODES, f"resizemix mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.scale, self.mode = (float(scale[0]), float(scale[1])), mode
+        _check(interpolation in MODES,
+               f"resizemix interpolation must be one of {', '.join(MODES)}, got {interpolation!r}")
+        self.scale, self.interpolation = (float(scale[0]), float(scale[1])), interpolation
         super().__init__(model, **kwargs)
 
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return None
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         h, w = x.shape[-2:]
         tau = float(self.rng.uniform(*self.scale))
         ph, pw = max(int(h * tau), 1), max(int(w * tau), 1)
         y0, x0 = int(self.rng.integers(0, h - ph + 1)), int(self.rng.integers(0, w - pw + 1))
-        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
         return MixPlan(0, tau, index, 1.0 - ph * pw / float(h * w), {"box": (y0, y0 + ph, x0, x0 + pw)})
 
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-        mixed, plan.lam_eff = resizemix(x, plan.index, plan.extras["box"], self.mode)
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        mixed, plan.lam_eff = resizemix(x, plan.index, plan.extras["box"], self.interpolation)
         return mixed

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from catchup.mix.mixer import Mixer, _check
-from catchup.mix.plan import MixPlan, smooth_one_hot
+from catchup.mix.plan import MixPlan
 
 __all__ = ["SaliencyMix", "fine_grained_saliency", "spectral_residual_saliency", "saliency_map", "saliency_peak",
            "centered_box", "box_mask", "saliencymix"]
@@ -170,7 +170,7 @@ class SaliencyMix(Mixer):
     name = "saliencymix"
     default_alpha = 1.0
     default_layers = (0,)
-    input_mix = "cutmix"
+    input_mix = None
 
     def __init__(self, model=None, *, detector: str = "spectral_residual", per_sample: bool = False, **kwargs: Any):
         _check(detector in DETECTORS, f"saliencymix detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
@@ -178,23 +178,12 @@ class SaliencyMix(Mixer):
         kwargs.setdefault("prob", 0.5)
         super().__init__(model, **kwargs)
 
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return None
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         lam = float(self.rng.beta(self.alpha, self.alpha))
-        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
         return MixPlan(0, lam, index, lam)
 
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         mixed, boxes, own = saliencymix(x, plan.index, plan.lam, self.detector, self.per_sample)
-        plan.extras.update(boxes=boxes, own_weight=own)
-        plan.lam_eff = float(own.mean())
+        plan.extras["boxes"] = boxes
+        plan.own_weight, plan.lam_eff = own, float(own.mean())    # one label weight per pair
         return mixed
-
-    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        x, soft, plan = super().prepare(x, target)
-        if plan is not None and self.per_sample:   # one label weight per pair
-            y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
-            own = plan.extras["own_weight"].to(y.device)[:, None]
-            soft = y * own + y[plan.index.to(y.device)] * (1.0 - own)
-        return x, soft, plan

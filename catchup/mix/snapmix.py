@@ -20,7 +20,7 @@ from torch import nn
 
 from catchup.errors import CatchupError
 from catchup.mix.mixer import Mixer, rand_box
-from catchup.mix.plan import MixPlan, smooth_one_hot
+from catchup.mix.plan import MixPlan
 from catchup.stages import unwrap_model
 
 __all__ = ["SnapMix", "class_activation_maps", "snapmix"]
@@ -74,7 +74,7 @@ class SnapMix(Mixer):
     live_model = True
     default_alpha = 5.0
     default_layers = (0,)
-    input_mix = "cutmix"
+    input_mix = None
 
     def __init__(self, model=None, **kwargs: Any):
         super().__init__(model, **kwargs)
@@ -88,12 +88,9 @@ class SnapMix(Mixer):
             raise CatchupError(f"snapmix needs get_classifier() to be a single nn.Linear on pooled features; "
                                f"{type(base).__name__} has {type(classifier).__name__}")
 
-    def sample_plan(self, x: torch.Tensor) -> MixPlan | None:
-        if self.prob < 1.0 and self.rng.random() >= self.prob:
-            return None
+    def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         h, w = x.shape[-2:]
         lam, lam_partner = (float(v) for v in self.rng.beta(self.alpha, self.alpha, size=2))
-        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
         box = rand_box(self.rng, h, w, lam, self.cutmix_minmax)
         partner_box = rand_box(self.rng, h, w, lam_partner, self.cutmix_minmax)
         return MixPlan(0, lam, index, lam, {"box": box, "partner_box": partner_box})
@@ -108,22 +105,13 @@ class SnapMix(Mixer):
                                f"({classifier.in_features} inputs) does not read after global pooling")
         return class_activation_maps(features, classifier, target, tuple(x.shape[-2:]))
 
-    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
-        x, soft, plan = super().prepare(x, target)
-        if plan is not None and "own_weight" in plan.extras:
-            y = smooth_one_hot(target, self.num_classes, self.label_smoothing)
-            own, partner = (plan.extras[k].to(y.device)[:, None] for k in ("own_weight", "partner_weight"))
-            soft = y * own + y[plan.index.to(y.device)] * partner
-        return x, soft, plan
-
-    def mix_input(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         box, partner_box = plan.extras["box"], plan.extras["partner_box"]
         if box[0] == box[1] or box[2] == box[3] or partner_box[0] == partner_box[1] or partner_box[2] == partner_box[3]:
             plan.lam_eff = 1.0           # an empty box: the official code leaves the batch unmixed
             return x
         with torch.no_grad():
-            cam = self.cams(x, self.batch_target)
-        x, own, partner = snapmix(x, cam, plan.index, box, partner_box)
-        plan.extras.update(own_weight=own, partner_weight=partner)
-        plan.lam_eff = float(own.mean())
+            cam = self.cams(x, target)
+        x, plan.own_weight, plan.partner_weight = snapmix(x, cam, plan.index, box, partner_box)
+        plan.lam_eff = float(plan.own_weight.mean())
         return x

@@ -1,0 +1,110 @@
+"""The collate_fn form of a mixer: timm's ``(input, target)`` pairs, with the batch's plan riding on the input.
+
+``mixer.collate`` mixes in the DataLoader (in worker processes too) and returns ``(x, soft_target)``, where x is
+a ``PlannedBatch``: a torch.Tensor subclass carrying the batch's MixPlan through what a training loop does to
+its input on the way to the model (``.to(device)``, ``.float()``, timm's PrefetchLoader normalisation
+``sub_``/``div_``, ``contiguous``, ``pin_memory``, ...). A forward pre-hook on the model (``PlanHandover``)
+takes the plan off the input, arms the stage hooks when the model is training, and hands the model a plain
+tensor, so no module, and no ``torch.compile`` graph, ever sees the subclass.
+
+From DataLoader worker processes the batch pickles as any tensor subclass: its storage goes through torch's
+shared-memory reduction, the plan (a small dataclass) with it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from timm.data import FastCollateMixup
+from torch import nn
+from torch.utils.data import default_collate
+
+from catchup.stages import unwrap_model
+
+if TYPE_CHECKING:
+    from catchup.mix.mixer import Mixer
+    from catchup.mix.plan import MixPlan
+
+__all__ = ["PlannedBatch", "MixCollate", "PlanHandover", "with_plan"]
+
+
+class PlannedBatch(torch.Tensor):
+    """A batch tensor carrying its MixPlan (``mix_plan``). Results of operations on it that keep the batch
+    dimension carry the plan on; results of another batch size (a slice of the batch) do not."""
+    mix_plan: MixPlan | None = None
+    batch_number: int = -1       # the mixer's number for this batch (its random stream)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.as_subclass or not isinstance(out, torch.Tensor) or isinstance(out, PlannedBatch):
+            return out      # as_subclass is how the plan is dropped; in-place results are the batch itself
+        source = next((a for a in args if isinstance(a, PlannedBatch)), None)
+        if source is None or out.dim() == 0 or out.shape[0] != source.shape[0]:
+            return out
+        return with_plan(out, source.mix_plan, source.batch_number)
+
+
+def with_plan(x: torch.Tensor, plan: MixPlan | None, batch_number: int) -> PlannedBatch:
+    """x (no copy) as a PlannedBatch carrying ``plan``."""
+    out = x.as_subclass(PlannedBatch)
+    out.mix_plan, out.batch_number = plan, batch_number
+    return out
+
+
+class MixCollate(FastCollateMixup):
+    """``mixer.collate``. A FastCollateMixup to timm, so timm's ``PrefetchLoader.mixup_enabled`` (its
+    mixup-off-epoch switch) reaches the mixer; all settings and state live in the mixer.
+
+    Worker processes hold copies of the mixer: the off switch reaches them when the workers start again
+    (timm's ``persistent_workers=True`` keeps them for the whole run; rebuild the loader to switch off).
+    """
+
+    def __init__(self, mixer: Mixer):    # FastCollateMixup.__init__ is not called: the mixer holds the settings
+        self.mixer = mixer
+
+    @property
+    def mixup_enabled(self) -> bool:
+        return self.mixer.mixup_enabled
+
+    @mixup_enabled.setter
+    def mixup_enabled(self, value: bool) -> None:
+        self.mixer.mixup_enabled = bool(value)
+
+    def __call__(self, batch: list, _=None) -> tuple[PlannedBatch, torch.Tensor]:
+        images = [sample[0] for sample in batch]
+        # timm's prefetcher transforms yield uint8 numpy arrays; default_collate would turn those into tensors too,
+        # but one stack is what fast_collate does
+        x = torch.from_numpy(np.stack(images)) if isinstance(images[0], np.ndarray) else default_collate(images)
+        target = default_collate([sample[1] for sample in batch])
+        if target.dim() == 1:
+            target = target.long()
+        x, soft, plan = self.mixer.prepare(x, target)
+        return with_plan(x, plan, self.mixer.batch_number), soft
+
+
+class PlanHandover:
+    """A forward pre-hook on the model's root module: takes the plan off a PlannedBatch input, hands it to
+    ``take`` in a training forward of this very model (not in eval, not on an EMA deepcopy), and passes the
+    model a plain tensor."""
+
+    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int], None]):
+        root = unwrap_model(model)
+
+        # Runs eagerly under torch.compile, which traces module hooks but cannot trace this tensor subclass;
+        # the compiled graph starts after it, from the plain tensor.
+        @torch._dynamo.disable
+        def hook(module: nn.Module, args: tuple):
+            if not args or not isinstance(args[0], PlannedBatch):
+                return None
+            x = args[0]
+            if module is root and module.training:
+                take(x.mix_plan, x.batch_number)
+            return (x.as_subclass(torch.Tensor), *args[1:])
+
+        self._handle = root.register_forward_pre_hook(hook)
+
+    def remove(self) -> None:
+        self._handle.remove()
