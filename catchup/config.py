@@ -51,6 +51,7 @@ class TrainConfig:
     color_jitter: float = 0.4  # ImageNet-style data: color jitter factor (timm turns it off when aa is set)
     train_interpolation: str = "random"  # ImageNet-style data: training resize interpolation (random = bilinear/bicubic)
     crop_pct: float | None = None  # ImageNet-style data: eval center-crop fraction; None = the model's (timm)
+    interpolation: str | None = None  # ImageNet-style data: eval resize interpolation; None = the model's (timm)
     # optimisation
     batch_size: int = 128  # GLOBAL batch across processes and accumulation
     eval_batch_size: int | None = None  # None = batch_size

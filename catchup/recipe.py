@@ -27,7 +27,10 @@ def make_accelerator(cfg: TrainConfig, wandb_mode: str) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=cfg.output,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # dispatch_batches=False: every process reads its own data. Accelerate's default for iterable datasets
+        # (True) has process 0 read everything and drops the loader's generator that seeds the shard streams.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  dispatch_batches=False),
         step_scheduler_with_optimizer=False)
 
 

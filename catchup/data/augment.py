@@ -40,6 +40,7 @@ class Augment:
     color_jitter: float = 0.4  # color jitter factor (off when aa is set, as in timm)
     train_interpolation: str = "random"  # resize interpolation in training (random = bilinear or bicubic)
     crop_pct: float | None = None  # eval center-crop fraction; None = the model's
+    interpolation: str | None = None  # eval resize interpolation; None = the model's
 
     @classmethod
     def from_config(cls, cfg: Any) -> Augment:
@@ -94,6 +95,8 @@ def check_augment(aug: Augment) -> None:
     if aug.train_interpolation not in (*INTERPOLATIONS, "random"):
         raise _fail("train_interpolation", f"must be random or one of {', '.join(INTERPOLATIONS)}",
                     aug.train_interpolation)
+    if aug.interpolation is not None and aug.interpolation not in INTERPOLATIONS:
+        raise _fail("interpolation", f"must be null or one of {', '.join(INTERPOLATIONS)}", aug.interpolation)
     if aug.crop_pct is not None and not 0 < aug.crop_pct <= 1:
         raise _fail("crop_pct", "must be in (0, 1] or null", aug.crop_pct)
 
@@ -107,7 +110,8 @@ def resolve_model_data(aug: Augment, input_size: int | None) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
     pretrained = timm.models.get_pretrained_cfg(aug.model) if aug.model else None
-    args = {"input_size": (3, input_size, input_size) if input_size else None, "crop_pct": aug.crop_pct}
+    args = {"input_size": (3, input_size, input_size) if input_size else None, "crop_pct": aug.crop_pct,
+            "interpolation": aug.interpolation}
     return resolve_data_config(args, pretrained_cfg=pretrained.to_dict() if pretrained else {"crop_pct": 0.875})
 
 
