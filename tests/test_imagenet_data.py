@@ -291,3 +291,34 @@ def test_one_epoch_and_exact_resume_on_each_format(folders, tmp_path, fmt, worke
     run_train(tmp_path / "split", *args, "--epochs", "2", "--resume")
     run_train(tmp_path / "whole", *args, "--epochs", "2")
     assert _weights_equal(tmp_path / "split", tmp_path / "whole")
+
+
+def test_bad_auto_augment_stops_train_py_with_one_line(folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--dataset", "imagefolder",
+                           "--data-dir", str(folders), "--aa", "rand-m9-foo", "--output", str(tmp_path / "x")],
+                          cwd=root, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"},
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("error: recipe key 'aa'") and "'foo'" in lines[-1]
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_loader_benchmark_sizes_workers_from_its_own_rates(tmp_path):
+    import math
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import loader
+    result = loader.main(["--quick", "--gpu-images-per-s", "1000", "--json", str(tmp_path / "l.json")])
+    names = [row["pipeline"] for row in result["imagenet"]]
+    assert names[0] == "decode only" and any("rsb_a2" in n for n in names) and any("cutmix" in n for n in names)
+    for row in result["imagenet"]:
+        assert row["images_per_s"] > 0 and row["workers_for_gpu"] == math.ceil(1000 / row["images_per_s"])
+    assert json.loads((tmp_path / "l.json").read_text())["gpu_images_per_s"] == 1000
+    assert 300 * 1024 > result["jpeg_mean_kb"] * 1024 > 10 * 1024        # real JPEGs, not flat colour
