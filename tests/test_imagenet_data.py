@@ -242,22 +242,53 @@ def test_webdataset_reader_and_errors(folders, tmp_path):
 
 
 def test_webdataset_stream_layout_for_accelerate_sharding(folders, tmp_path):
-    """Under two processes each reader reads its own shards; after Accelerate's IterableDatasetShard each
-    process gets exactly its reader's samples, and the fillers for the other process are never decoded."""
-    from accelerate.data_loader import IterableDatasetShard
+    """Under two processes each reader reads its own shards; after Accelerate's prepare (which shards iterable
+    datasets again) each process gets exactly its reader's samples; the other process's fillers are never read."""
+    from accelerate.data_loader import prepare_data_loader
+    from catchup.recipe import make_loaders
     shards = write_wds(folders, tmp_path / "wds", shard_size=3)
-    batch = 2
+    cfg = load_config("configs/quickstart.yaml", {"dataset": "wds/tiny", "data_dir": str(shards), "batch_size": 4,
+                                                  "workers": 0})
     for rank in range(2):
-        train, _, _ = build_datasets("wds/tiny", str(shards), input_size=32, train_transform=False)
-        train.reader.dist_rank, train.reader.dist_num_replicas = rank, 2
-        train.reader.batch_size = batch
-        train.set_loader_cfg(num_workers=0)
-        stream = SeededStream(train, None, 0, batch, torch.Generator())
-        stream.set_epoch(0)
-        alone = [int(t) for _, t in stream._samples()]
-        shard = IterableDatasetShard(stream, batch_size=batch, drop_last=True, num_processes=2, process_index=rank)
-        got = [int(t) for _, t in shard]
-        assert got == alone and len(got) == len(train) == 10  # timm: ceil(18 / 2) rounded up to whole batches
+        train, val, _ = build_datasets("wds/tiny", str(shards), input_size=16, train_transform=False)
+        train.reader.dist_rank, train.reader.dist_num_replicas = rank, 2      # as torch.distributed would set
+        loader, _ = make_loaders(cfg, train, val, num_processes=2)
+        loader.dataset.set_epoch(0)
+        alone = [int(t) for _, t in loader.dataset._samples()]
+        prepared = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False,
+                                       dispatch_batches=False)
+        prepared.set_epoch(0)
+        got = [int(t) for _, y in prepared for t in y]
+        assert got == alone and len(got) == len(prepared) * 2 == 10  # timm: ceil(18 / 2) rounded up to batches of 2
+
+
+def test_repeated_augmentation_through_accelerate_prepare():
+    """make_loaders + Accelerate's prepare for two processes: each process loads timm's rank stream, each
+    sample with its own augmentation draw."""
+    from accelerate.data_loader import prepare_data_loader
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from catchup.recipe import make_loaders
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            return index, torch.rand(()).item()          # the sample's own augmentation draw
+
+    cfg = load_config("configs/quickstart.yaml", {"batch_size": 8, "aug_repeats": 2, "workers": 0, "seed": 3})
+    draws = []
+    for rank in range(2):
+        train, _ = make_loaders(cfg, Indices(), Indices(), num_processes=2)
+        prepared = prepare_data_loader(train, num_processes=2, process_index=rank, put_on_device=False,
+                                       use_seedable_sampler=True, data_seed=cfg.seed)
+        prepared.set_epoch(1)
+        got = [(int(i), float(d)) for x, d in prepared for i, d in zip(x, d)]
+        reference = RepeatAugSampler(range(40), num_replicas=2, rank=rank, num_repeats=2)
+        reference.set_epoch(item_seed(3, 1) % 2**62)
+        assert [i for i, _ in got] == list(reference)[:len(got)] and len(got) == 20
+        draws += [d for _, d in got]
+    assert len(set(draws)) == len(draws)     # the two copies of an image are augmented differently
 
 
 # ---------------------------------------------------------------- training the quickstart model on each format
