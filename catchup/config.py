@@ -37,8 +37,8 @@ class TrainConfig:
     train_fraction: float = 1.0  # share of each class kept for training (per-class subsets)
     input_size: int | None = None  # square input side; None = the model's default
     workers: int = 2  # DataLoader worker processes
-    train_split: str = "train"  # split name of wds/<name> shards for training (timm --train-split)
-    val_split: str = "validation"  # split name of wds/<name> shards for evaluation (timm --val-split)
+    train_split: str = "train"  # training split of hfds/<name> and wds/<name> data (timm --train-split)
+    val_split: str = "validation"  # evaluation split of hfds/<name> and wds/<name> data (timm --val-split)
     aug_repeats: float = 0  # repeated augmentation: each image this many times per epoch (timm RepeatAugSampler); 0 = off
     aa: str | None = None  # ImageNet-style data: auto-augment policy, e.g. rand-m7-mstd0.5-inc1 (timm --aa)
     reprob: float = 0.0  # ImageNet-style data: random erasing probability

@@ -86,6 +86,8 @@ def make_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset, num_pr
 def _stream_loaders(cfg: TrainConfig, train_set, eval_set, batch: int, eval_batch: int, common: dict):
     """Loaders over timm's WebDataset reader: its epoch is ceil(samples / (processes x workers)) rounded up to
     whole batches per worker (timm's rule), so every process takes the same number of steps."""
+    if cfg.aug_repeats:
+        raise CatchupError(f"aug_repeats needs random access to the samples; {cfg.dataset} is read as a stream")
     loaders = []
     for dataset, size in ((train_set, batch), (eval_set, eval_batch)):
         dataset.reader.batch_size = size

@@ -19,7 +19,7 @@ from tests.helpers import load_safetensors, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RSB = "configs/imagenet/resnet50_catchup_300ep.yaml"
-CLASSES = ("n01", "n02", "n10")   # n10 after n02 in both plain and natural sort
+CLASSES = ("c1", "c10", "c2")   # sorted order; timm's natural order would put c2 before c10
 
 
 def _jpeg(g: torch.Generator, h: int = 40, w: int = 48) -> bytes:
@@ -71,6 +71,20 @@ def write_wds(folders, root, shard_size=5):
         info["splits"][name] = {"name": name, "num_samples": len(samples), "filenames": files,
                                 "shard_lengths": lengths}
     (root / "_info.json").write_text(json.dumps(info))
+    return root
+
+
+def write_hfds(folders, root):
+    """A local Hugging Face dataset: data/<split>-00000-of-00001.parquet with an image and a ClassLabel column."""
+    import datasets
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    (root / "data").mkdir(parents=True)
+    for split, name in (("train", "train"), ("val", "validation")):
+        rows = [({"bytes": p.read_bytes(), "path": None}, label) for label, cls in enumerate(CLASSES)
+                for p in sorted((folders / split / cls).iterdir())]
+        table = datasets.Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]},
+                                           features=features)
+        table.to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
     return root
 
 
@@ -207,10 +221,14 @@ def test_tar_files_give_the_folder_samples(folders, tmp_path):
     f_train, f_val, f_info = build_datasets("imagefolder", str(folders), input_size=32, train_transform=False)
     t_train, t_val, t_info = build_datasets("imagefolder", str(tars), input_size=32, train_transform=False)
     assert t_train.classes == f_train.classes == list(CLASSES) and t_info == f_info
-    assert dataset_labels(t_train) == dataset_labels(f_train)
-    for i in (0, 7, len(f_train) - 1):
-        assert torch.equal(t_train[i][0], f_train[i][0]) and t_train[i][1] == f_train[i][1]
-    assert torch.equal(t_val[3][0], f_val[3][0])
+    assert sorted(dataset_labels(t_train)) == sorted(dataset_labels(f_train))
+    for folder_set, tar_set in ((f_train, t_train), (f_val, t_val)):
+        by_name = {"/".join(p.split("/")[-2:]): i for i, (p, _) in enumerate(folder_set.samples)}
+        assert sorted(by_name) == sorted(tar_set.reader.filename(i) for i in range(len(tar_set)))
+        for i in range(len(tar_set)):
+            j = by_name[tar_set.reader.filename(i)]
+            (x, y), (x_f, y_f) = tar_set[i], folder_set[j]
+            assert y == y_f and torch.equal(x, x_f)
 
 
 def test_damaged_tar_member_is_named(folders, tmp_path):
@@ -219,14 +237,31 @@ def test_damaged_tar_member_is_named(folders, tmp_path):
     for split in ("train", "val"):
         with tarfile.open(root / f"{split}.tar", "w") as tar:
             for cls in CLASSES:
-                data = b"not a jpeg" if split == "train" and cls == "n02" else (folders / "val" / cls /
+                data = b"not a jpeg" if split == "train" and cls == "c10" else (folders / "val" / cls /
                                                                                   f"{cls}_0.JPEG").read_bytes()
                 member = tarfile.TarInfo(f"{cls}/x.JPEG")
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
     train, _, _ = build_datasets("imagefolder", str(root), input_size=32)
-    with pytest.raises(CatchupError, match=r"cannot decode n02/x\.JPEG in .*train\.tar"):
-        train[1]
+    bad = [i for i in range(3) if train.reader.filename(i) == "c10/x.JPEG"][0]
+    assert train.targets[bad] == 1               # sorted class order, not timm's natural order
+    with pytest.raises(CatchupError, match=r"cannot decode c10/x\.JPEG in .*train\.tar"):
+        train[bad]
+
+
+def test_hugging_face_dataset_gives_the_folder_samples(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    local = write_hfds(folders, tmp_path / "hf")
+    name = f"hfds/{local}"
+    f_train, f_val, f_info = build_datasets("imagefolder", str(folders), input_size=32, train_transform=False)
+    h_train, h_val, h_info = build_datasets(name, str(tmp_path / "cache"), input_size=32, train_transform=False)
+    assert h_train.classes == list(CLASSES) and h_info == f_info
+    assert dataset_labels(h_train) == dataset_labels(f_train)
+    for i in (0, 7, len(f_train) - 1):
+        assert torch.equal(h_train[i][0], f_train[i][0]) and h_train[i][1] == f_train[i][1]
+    assert torch.equal(h_val[5][0], f_val[5][0])
+    with pytest.raises(CatchupError, match="cannot load split 'test'"):
+        build_datasets(name, str(tmp_path / "cache"), splits=("test", "validation"))
 
 
 def test_webdataset_reader_and_errors(folders, tmp_path):
@@ -260,6 +295,8 @@ def test_webdataset_stream_layout_for_accelerate_sharding(folders, tmp_path):
         prepared.set_epoch(0)
         got = [int(t) for _, y in prepared for t in y]
         assert got == alone and len(got) == len(prepared) * 2 == 10  # timm: ceil(18 / 2) rounded up to batches of 2
+    with pytest.raises(CatchupError, match="aug_repeats needs random access"):
+        make_loaders(load_config("configs/quickstart.yaml", {"aug_repeats": 3}), train, val, num_processes=1)
 
 
 def test_repeated_augmentation_through_accelerate_prepare():
@@ -294,7 +331,7 @@ def test_repeated_augmentation_through_accelerate_prepare():
 # ---------------------------------------------------------------- training the quickstart model on each format
 
 
-QUICK = ["--dataset", "imagefolder", "--input-size", "16", "--train-fraction", "1.0", "--batch-size", "6",
+QUICK = ["--input-size", "16", "--train-fraction", "1.0", "--batch-size", "6",
          "--eval-batch-size", "6", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"]
 
 
@@ -303,14 +340,16 @@ def _weights_equal(a, b):
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("fmt,workers", [("folder", 0), ("folder", 2), ("tar", 0), ("wds", 0), ("wds", 2)])
-def test_one_epoch_and_exact_resume_on_each_format(folders, tmp_path, fmt, workers):
+@pytest.mark.parametrize("fmt,workers", [("folder", 0), ("folder", 2), ("tar", 0), ("hfds", 0), ("wds", 0),
+                                         ("wds", 2)])
+def test_one_epoch_and_exact_resume_on_each_format(folders, tmp_path, monkeypatch, fmt, workers):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = {"folder": lambda: folders, "tar": lambda: write_tars(folders, tmp_path / "tars"),
-            "wds": lambda: write_wds(folders, tmp_path / "wds")}[fmt]()
-    args = [*QUICK, "--data-dir", str(data), "--workers", str(workers)]
-    if fmt == "wds":
-        args[1] = "wds/tiny"
-    else:
+            "hfds": lambda: write_hfds(folders, tmp_path / "hf"), "wds": lambda: write_wds(folders, tmp_path / "wds")}[fmt]()
+    dataset = {"wds": "wds/tiny", "hfds": f"hfds/{data}"}.get(fmt, "imagefolder")
+    data_dir = tmp_path / "cache" if fmt == "hfds" else data
+    args = [*QUICK, "--dataset", dataset, "--data-dir", str(data_dir), "--workers", str(workers)]
+    if fmt != "wds":
         args += ["--aug-repeats", "2"]
     # 18 samples in batches of 6; timm's WebDataset epoch gives each of W workers ceil(18 / W) samples rounded up
     # to whole batches: 2 workers read 12 each, 4 steps

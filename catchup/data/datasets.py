@@ -17,15 +17,16 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from catchup.data.augment import Augment, check_augment, resolve_model_data
-from catchup.data.readers import TAR_LAYOUT, WDS_LAYOUT, TarImages, tar_source, wds_dataset, wds_num_classes
+from catchup.data.readers import (TAR_LAYOUT, WDS_LAYOUT, hfds_images, tar_images, tar_source, wds_dataset,
+                                  wds_num_classes)
 from catchup.data.subsets import check_fraction, dataset_labels, per_class_subset
 from catchup.data.transforms import FIXED_FAMILIES, DataInfo, build_eval_transform, build_train_transform
 from catchup.errors import CatchupError
 
 DATASETS: tuple[str, ...] = (
     "cifar10", "cifar100", "tinyimagenet", "imagefolder", "finegrained", "fashion_mnist", "digits", "wds/<name>",
+    "hfds/<name>",
 )
-IMAGENET_STYLE = ("imagefolder", "wds/")  # the datasets that take timm's augmentation keys
 FASHION_MNIST_DEB_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
 _CIFAR_STATS = {
@@ -205,7 +206,7 @@ def _load_tinyimagenet(name: str, data_dir: str | None, download: bool, input_si
 def _split_set(name: str, root: str, split: str) -> Dataset:
     source = tar_source(root, split)
     if source is not None:
-        return TarImages(source)
+        return tar_images(source)
     return _image_folder(os.path.join(root, split), None, _FOLDER_LAYOUT if name == "finegrained" else TAR_LAYOUT)
 
 
@@ -241,6 +242,18 @@ def _imagenet_info(name: str, num_classes: int, input_size: int | None, augment:
     _check_size(name, size)
     return DataInfo(num_classes, 3, size, tuple(data["mean"]), tuple(data["std"]), "imagenet",
                     crop_pct=float(data["crop_pct"]), interpolation=str(data["interpolation"]))
+
+
+def _load_hfds(name: str, data_dir: str | None, input_size: int | None, train_transform: bool, augment: Augment,
+               num_classes: int | None, splits: tuple[str, str]) -> tuple[Dataset, Dataset, DataInfo]:
+    train, val = hfds_images(name, data_dir, splits[0]), hfds_images(name, data_dir, splits[1])
+    num_classes = num_classes or len(train.classes)
+    if not num_classes:
+        raise CatchupError(f"{name}: the label column names no classes; set num_classes in the recipe")
+    info = _imagenet_info(name, num_classes, input_size, augment)
+    val.transform = build_eval_transform(info)
+    train.transform = build_train_transform(info, augment) if train_transform else val.transform
+    return train, val, info
 
 
 def _load_wds(name: str, data_dir: str | None, input_size: int | None, train_transform: bool, augment: Augment,
@@ -339,10 +352,15 @@ def build_datasets(name: str, data_dir: str | None, *, train_fraction: float = 1
 
     `augment` (timm train.py's augmentation options and the model name) drives the ImageNet-style datasets;
     set on any other dataset, its keys are refused. `num_classes` and `splits` (train, eval) are read by
-    WebDataset shards (`wds/<name>`), which are iterable: no per-class subsets.
+    Hugging Face datasets (`hfds/<name>`) and WebDataset shards (`wds/<name>`, iterable: no per-class subsets).
     """
     augment = augment or Augment()
     check_fraction(train_fraction)
+    if name.lower().startswith("hfds/"):
+        train, eval_set, info = _load_hfds(name, data_dir, input_size, train_transform, augment, num_classes, splits)
+        if train_fraction < 1:
+            train = Subset(train, per_class_subset(dataset_labels(train), train_fraction, seed))
+        return train, eval_set, info
     if name.lower().startswith("wds/"):
         if train_fraction < 1:
             raise CatchupError(f"{name}: train_fraction needs random access; WebDataset shards are read in order")
@@ -351,7 +369,7 @@ def build_datasets(name: str, data_dir: str | None, *, train_fraction: float = 1
         raise CatchupError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name != "imagefolder" and augment.changed():
         key = augment.changed()[0]
-        raise CatchupError(f"recipe key {key!r} applies to ImageNet-style data (imagefolder, wds/<name>); "
+        raise CatchupError(f"recipe key {key!r} applies to ImageNet-style data (imagefolder, hfds/, wds/); "
                            f"{name} has its own fixed augmentation")
     builder = _BUILDERS[name]
     if builder is _load_image_folders:
