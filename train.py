@@ -20,13 +20,12 @@ from timm.utils import ModelEmaV3
 
 from catchup.config import config_to_dict, dump_config, load_config
 from catchup.config_help import RecipeArgumentParser
-from catchup.data import build_datasets
 from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
 from catchup.export import log_model_artifact
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
-from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
-                            make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
+from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
+                            make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
 from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_data_info,
                           save_weights, staging_dir)
 
@@ -54,8 +53,7 @@ def main(argv=None) -> None:
     set_seed(cfg.seed, device_specific=True)
 
     # data, model, mixer
-    train_set, eval_set, info = build_datasets(cfg.dataset, cfg.data_dir, train_fraction=cfg.train_fraction,
-                                               seed=cfg.seed, download=cfg.download, input_size=cfg.input_size)
+    train_set, eval_set, info = make_datasets(cfg)
     model = build_model(cfg, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

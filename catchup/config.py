@@ -37,6 +37,21 @@ class TrainConfig:
     train_fraction: float = 1.0  # share of each class kept for training (per-class subsets)
     input_size: int | None = None  # square input side; None = the model's default
     workers: int = 2  # DataLoader worker processes
+    train_split: str = "train"  # training split of hfds/<name> and wds/<name> data (timm --train-split)
+    val_split: str = "validation"  # evaluation split of hfds/<name> and wds/<name> data (timm --val-split)
+    aug_repeats: float = 0  # repeated augmentation: each image this many times per epoch (timm RepeatAugSampler); 0 = off
+    aa: str | None = None  # ImageNet-style data: auto-augment policy, e.g. rand-m7-mstd0.5-inc1 (timm --aa)
+    reprob: float = 0.0  # ImageNet-style data: random erasing probability
+    remode: str = "pixel"  # ImageNet-style data: random erasing fill: const, rand or pixel
+    recount: int = 1  # ImageNet-style data: random erasing count
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # ImageNet-style data: random-resized-crop area range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # ImageNet-style data: random-resized-crop aspect range
+    hflip: float = 0.5  # ImageNet-style data: horizontal flip probability
+    vflip: float = 0.0  # ImageNet-style data: vertical flip probability
+    color_jitter: float = 0.4  # ImageNet-style data: color jitter factor (timm turns it off when aa is set)
+    train_interpolation: str = "random"  # ImageNet-style data: training resize interpolation (random = bilinear/bicubic)
+    crop_pct: float | None = None  # ImageNet-style data: eval center-crop fraction; None = the model's (timm)
+    interpolation: str | None = None  # ImageNet-style data: eval resize interpolation; None = the model's (timm)
     # optimisation
     batch_size: int = 128  # GLOBAL batch across processes and accumulation
     eval_batch_size: int | None = None  # None = batch_size
@@ -309,6 +324,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("drop_path", _optional(lambda v: 0 <= v < 1), "in [0, 1) or null"),
     ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("mix_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("aug_repeats", lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
     ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
     ("decay_milestones", lambda v: all(a < b for a, b in zip([0] + v, v)), "strictly ascending and > 0"),
     ("cutmix_minmax", _optional(lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1),

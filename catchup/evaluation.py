@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from catchup.config import TrainConfig, load_config
 from catchup.data import DataInfo, ImageList, build_datasets, build_eval_transform, dataset_labels
+from catchup.data.augment import Augment
 from catchup.data.transforms import FIXED_FAMILIES
 from catchup.errors import CatchupError
 from catchup.robustness import (
@@ -130,7 +131,8 @@ def open_run(run_dir: str | Path, data_dir: str | None = None) -> RunData:
         raise CatchupError(f"{run} has no config.yaml: not a catchup run folder")
     cfg = load_config(run / "config.yaml", {"data_dir": data_dir} if data_dir else ())
     train_set, eval_set, info = build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size,
-                                               train_transform=False)
+                                               train_transform=False, augment=Augment.from_config(cfg),
+                                               num_classes=cfg.num_classes, splits=(cfg.train_split, cfg.val_split))
     return RunData(run, cfg, info, train_set, eval_set)
 
 

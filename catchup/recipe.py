@@ -11,11 +11,13 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from catchup.config import TrainConfig
 from catchup.errors import CatchupError
-from catchup.data import DataInfo
+from catchup.data import DataInfo, build_datasets
+from catchup.data.augment import Augment
+from catchup.data.sampling import EpochSeeded, RepeatedAugmentation, SeededStream
 from catchup.mix import Mixer, build_mixer, mixer_options
 
 
@@ -25,7 +27,10 @@ def make_accelerator(cfg: TrainConfig, wandb_mode: str) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=cfg.output,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # dispatch_batches=False: every process reads its own data. Accelerate's default for iterable datasets
+        # (True) has process 0 read everything and drops the loader's generator that seeds the shard streams.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  dispatch_batches=False),
         step_scheduler_with_optimizer=False)
 
 
@@ -38,51 +43,62 @@ def per_device_batch(cfg: TrainConfig, num_processes: int) -> int:
     return cfg.batch_size // parts
 
 
-class EpochSeeded(Dataset):
-    """Seeds the augmentation of item i in epoch e from (seed, e, i).
-
-    An item's random crop or flip then depends neither on which worker loads it, nor on how many items were
-    loaded before (the loader prefetches ahead of the step that a checkpoint records), so a run resumed
-    mid-epoch draws the same augmentations as one never stopped. Only the CPU generator is touched, and in
-    the main process its state is put back, so the rest of the program's random stream is unchanged.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int):
-        generator = torch.random.default_generator
-        saved = generator.get_state() if get_worker_info() is None else None
-        generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
-        try:
-            return self.dataset[index]
-        finally:
-            if saved is not None:
-                generator.set_state(saved)
+def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, DataInfo]:
+    """The recipe's datasets, with timm's augmentation options for ImageNet-style data."""
+    return build_datasets(cfg.dataset, cfg.data_dir, train_fraction=cfg.train_fraction, seed=cfg.seed,
+                          download=cfg.download, input_size=cfg.input_size, augment=Augment.from_config(cfg),
+                          num_classes=cfg.num_classes, splits=(cfg.train_split, cfg.val_split))
 
 
 def make_loaders(cfg: TrainConfig, train_set: Dataset, eval_set: Dataset, num_processes: int
                  ) -> tuple[DataLoader, DataLoader]:
+    """Loaders to hand to `accelerator.prepare`, which shards them over the processes.
+
+    Map-style training data is shuffled by a RandomSampler (Accelerate swaps in its seedable one) or, with
+    `aug_repeats`, by `RepeatedAugmentation`; iterable data (WebDataset shards) streams through `SeededStream`.
+    Either way each sample's augmentation is seeded from (seed, epoch, position), so a resumed run continues
+    with the same samples and augmentations.
+    """
     batch = per_device_batch(cfg, num_processes)
     eval_batch = max(1, (cfg.eval_batch_size or cfg.batch_size) // num_processes)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=False)   # workers restart each epoch and pick up the epoch's seed
+    if isinstance(train_set, IterableDataset):
+        return _stream_loaders(cfg, train_set, eval_set, batch, eval_batch, common)
     # drop_last: a final batch of one sample would break BatchNorm in training.
     # A private generator: the worker base seed drawn at each iter() must not consume the global RNG,
     # whose checkpointed state a resumed run relies on.
-    train = DataLoader(EpochSeeded(train_set, cfg.seed), batch_size=batch, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(cfg.seed), **common)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.aug_repeats:
+        sampler = RepeatedAugmentation(len(train_set), cfg.aug_repeats, num_processes, batch, seed=cfg.seed)
+        order: dict[str, Any] = dict(sampler=sampler)
+    else:
+        order = dict(shuffle=True)
+    train = DataLoader(EpochSeeded(train_set, cfg.seed), batch_size=batch, drop_last=True, generator=generator,
+                       **order, **common)
     if len(train) == 0:
         raise CatchupError(f"the training set has {len(train_set)} samples, fewer than one batch of {batch} "
                            "per process; lower batch_size")
     evaluation = DataLoader(eval_set, batch_size=eval_batch, shuffle=False, **common)
     return train, evaluation
+
+
+def _stream_loaders(cfg: TrainConfig, train_set, eval_set, batch: int, eval_batch: int, common: dict):
+    """Loaders over timm's WebDataset reader: its epoch is ceil(samples / (processes x workers)) rounded up to
+    whole batches per worker (timm's rule), so every process takes the same number of steps."""
+    if cfg.aug_repeats:
+        raise CatchupError(f"aug_repeats needs random access to the samples; {cfg.dataset} is read as a stream")
+    loaders = []
+    for dataset, size in ((train_set, batch), (eval_set, eval_batch)):
+        dataset.reader.batch_size = size
+        dataset.set_loader_cfg(num_workers=cfg.workers)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        stream = SeededStream(dataset, dataset.transform, cfg.seed, size, generator)
+        loaders.append(DataLoader(stream, batch_size=size, drop_last=dataset is train_set, generator=generator,
+                                  **common))
+    if len(loaders[0]) == 0:
+        raise CatchupError(f"the training shards hold fewer samples than one batch of {batch} per process")
+    return loaders[0], loaders[1]
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

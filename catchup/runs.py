@@ -25,6 +25,7 @@ from torch import nn
 import catchup.models  # noqa: F401  (registers the CIFAR models with timm)
 from catchup.config import TrainConfig, load_config
 from catchup.data import DataInfo, build_datasets
+from catchup.data.augment import Augment
 from catchup.errors import CatchupError
 
 CHECKPOINTS = "checkpoints"
@@ -181,7 +182,9 @@ def load_run(run_dir: str | Path, weights: str = "final", device: str | torch.de
         raise CatchupError(f"{run} has no config.yaml: not a catchup run folder")
     cfg = load_config(run / "config.yaml", {"data_dir": data_dir} if data_dir else ())
     info = load_data_info(run) or build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size,
-                                                  train_transform=False)[2]
+                                                  train_transform=False, augment=Augment.from_config(cfg),
+                                                  num_classes=cfg.num_classes,
+                                                  splits=(cfg.train_split, cfg.val_split))[2]
     model = build_model(cfg, info)
     load_weights(model, run / WEIGHTS[weights])
     return LoadedRun(run, cfg, info, model.to(device).eval(), weights)

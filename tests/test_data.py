@@ -411,7 +411,7 @@ def test_fashion_mnist_debian_files():
 
 def test_names_and_unknowns():
     assert set(DATASETS) == {"cifar10", "cifar100", "tinyimagenet", "imagefolder", "finegrained",
-                             "fashion_mnist", "digits"}
+                             "fashion_mnist", "digits", "wds/<name>", "hfds/<name>"}
     with pytest.raises(CatchupError, match="unknown dataset 'mnist'"):
         build_datasets("mnist", None)
     with pytest.raises(CatchupError, match="cannot read the labels"):

@@ -143,7 +143,12 @@ def test_cli_errors_are_one_line(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path):
+@pytest.mark.parametrize("recipe,expected", [
+    ("resnet50_catchup_300ep", ["opt: lamb", "bce_loss: true", "aa: rand-m7-mstd0.5-inc1", "aug_repeats: 3",
+                                "crop_pct: 0.95"]),
+    ("resnet50_cutmix_clovaai_300ep", ["opt: sgd", "mix: cutmix", "decay_milestones: [75, 150, 225]",
+                                       "crop_pct: 0.875"])])
+def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path, recipe, expected):
     from PIL import Image
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
@@ -156,10 +161,10 @@ def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path):
     out = tmp_path / "r50"
     run_train(out, "--data-dir", str(tmp_path / "imagenet"), "--input-size", "32", "--batch-size", "4",
               "--eval-batch-size", "4", "--max-steps", "2", "--workers", "0", "--wandb-mode", "disabled",
-              config="configs/imagenet/resnet50_catchup_300ep.yaml", tiny=False)
+              config=f"configs/imagenet/{recipe}.yaml", tiny=False)
     assert latest_checkpoint(out).name == "step_00000002"
     cfg = (out / "config.yaml").read_text()
-    assert "opt: lamb" in cfg and "bce_loss: true" in cfg and "channels_last: true" in cfg
+    assert all(line in cfg for line in expected), cfg
 
 
 def test_puzzlemix_two_epochs_on_a_cifar_layout(tmp_path):

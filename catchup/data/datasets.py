@@ -1,4 +1,5 @@
-"""The datasets: CIFAR-10/100, Tiny-ImageNet, ImageNet-style and fine-grained folders, Fashion-MNIST, digits.
+"""The datasets: CIFAR-10/100, Tiny-ImageNet, ImageNet-style folders, tar files and WebDataset shards,
+fine-grained folders, Fashion-MNIST, digits.
 
 Every dataset yields `(float tensor [C,H,W] normalized with DataInfo.mean/std, int label)`.
 """
@@ -15,12 +16,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
+from catchup.data.augment import Augment, check_augment, resolve_model_data
+from catchup.data.readers import (TAR_LAYOUT, WDS_LAYOUT, hfds_images, tar_images, tar_source, wds_dataset,
+                                  wds_num_classes)
 from catchup.data.subsets import check_fraction, dataset_labels, per_class_subset
 from catchup.data.transforms import FIXED_FAMILIES, DataInfo, build_eval_transform, build_train_transform
 from catchup.errors import CatchupError
 
 DATASETS: tuple[str, ...] = (
-    "cifar10", "cifar100", "tinyimagenet", "imagefolder", "finegrained", "fashion_mnist", "digits",
+    "cifar10", "cifar100", "tinyimagenet", "imagefolder", "finegrained", "fashion_mnist", "digits", "wds/<name>",
+    "hfds/<name>",
 )
 FASHION_MNIST_DEB_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
@@ -198,22 +203,71 @@ def _load_tinyimagenet(name: str, data_dir: str | None, download: bool, input_si
     return train, ImageList(samples, eval_tf), info
 
 
-def _load_image_folders(name: str, data_dir: str | None, download: bool, input_size: int | None,
-                        train_transform: bool) -> tuple[Dataset, Dataset, DataInfo]:
-    root = _require_dir(name, data_dir, _FOLDER_LAYOUT)
-    size = 224 if input_size is None else input_size
+def _split_set(name: str, root: str, split: str) -> Dataset:
+    source = tar_source(root, split)
+    if source is not None:
+        return tar_images(source)
+    return _image_folder(os.path.join(root, split), None, _FOLDER_LAYOUT if name == "finegrained" else TAR_LAYOUT)
+
+
+def _check_size(name: str, size) -> None:
     if not isinstance(size, int) or size < 8:
-        raise CatchupError(f"{name}: input_size must be an integer >= 8, got {input_size!r}")
-    family = "imagenet" if name == "imagefolder" else "finegrained"
+        raise CatchupError(f"{name}: input_size must be an integer >= 8, got {size!r}")
+
+
+def _load_image_folders(name: str, data_dir: str | None, download: bool, input_size: int | None,
+                        train_transform: bool, augment: Augment) -> tuple[Dataset, Dataset, DataInfo]:
+    root = _require_dir(name, data_dir, _FOLDER_LAYOUT)
     # the class count is known only after listing, so the transforms are attached once it is
-    train = _image_folder(os.path.join(root, "train"), None, _FOLDER_LAYOUT)
-    val = _image_folder(os.path.join(root, "val"), None, _FOLDER_LAYOUT)
+    train, val = _split_set(name, root, "train"), _split_set(name, root, "val")
     if val.classes != train.classes:
         extra = sorted(set(val.classes) ^ set(train.classes))[:3]
         raise CatchupError(f"{name}: train/ and val/ class folders differ (e.g. {extra}) in {root}")
-    info = DataInfo(len(train.classes), 3, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, family)
+    if name == "finegrained":
+        size = 224 if input_size is None else input_size
+        _check_size(name, size)
+        info = DataInfo(len(train.classes), 3, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "finegrained")
+    else:
+        info = _imagenet_info(name, len(train.classes), input_size, augment)
     val.transform = build_eval_transform(info)
-    train.transform = build_train_transform(info) if train_transform else val.transform
+    train.transform = build_train_transform(info, augment) if train_transform else val.transform
+    return train, val, info
+
+
+def _imagenet_info(name: str, num_classes: int, input_size: int | None, augment: Augment) -> DataInfo:
+    """Input size, crop_pct, interpolation, mean and std resolved by timm from the model (recipe keys first)."""
+    check_augment(augment)
+    data = resolve_model_data(augment, input_size)
+    size = data["input_size"][-1]
+    _check_size(name, size)
+    return DataInfo(num_classes, 3, size, tuple(data["mean"]), tuple(data["std"]), "imagenet",
+                    crop_pct=float(data["crop_pct"]), interpolation=str(data["interpolation"]))
+
+
+def _load_hfds(name: str, data_dir: str | None, input_size: int | None, train_transform: bool, augment: Augment,
+               num_classes: int | None, splits: tuple[str, str]) -> tuple[Dataset, Dataset, DataInfo]:
+    train, val = hfds_images(name, data_dir, splits[0]), hfds_images(name, data_dir, splits[1])
+    num_classes = num_classes or len(train.classes)
+    if not num_classes:
+        raise CatchupError(f"{name}: the label column names no classes; set num_classes in the recipe")
+    info = _imagenet_info(name, num_classes, input_size, augment)
+    val.transform = build_eval_transform(info)
+    train.transform = build_train_transform(info, augment) if train_transform else val.transform
+    return train, val, info
+
+
+def _load_wds(name: str, data_dir: str | None, input_size: int | None, train_transform: bool, augment: Augment,
+              seed: int, num_classes: int | None, splits: tuple[str, str]) -> tuple[Dataset, Dataset, DataInfo]:
+    root = _require_dir(name, data_dir, WDS_LAYOUT)
+    num_classes = num_classes or wds_num_classes(root)
+    if not num_classes:
+        raise CatchupError(f"{name}: the shards' _info.json gives no num_classes; set num_classes in the recipe")
+    info = _imagenet_info(name, num_classes, input_size, augment)
+    # batch_size is a placeholder here: make_loaders sets the per-process batch that fixes the epoch length
+    train = wds_dataset(name, root, splits[0], True, 1, seed)
+    val = wds_dataset(name, root, splits[1], False, 1, seed)
+    val.transform = build_eval_transform(info)
+    train.transform = build_train_transform(info, augment) if train_transform else val.transform
     return train, val, info
 
 
@@ -290,14 +344,38 @@ _BUILDERS = {
 
 
 def build_datasets(name: str, data_dir: str | None, *, train_fraction: float = 1.0, seed: int = 0,
-                   download: bool = False, input_size: int | None = None,
-                   train_transform: bool = True) -> tuple[Dataset, Dataset, DataInfo]:
+                   download: bool = False, input_size: int | None = None, train_transform: bool = True,
+                   augment: Augment | None = None, num_classes: int | None = None,
+                   splits: tuple[str, str] = ("train", "validation")) -> tuple[Dataset, Dataset, DataInfo]:
     """(train_set, eval_set, info). `train_fraction` keeps that share of every class of the train set
-    (chosen with `seed`); `train_transform=False` puts the eval transform on the train set too."""
+    (chosen with `seed`); `train_transform=False` puts the eval transform on the train set too.
+
+    `augment` (timm train.py's augmentation options and the model name) drives the ImageNet-style datasets;
+    set on any other dataset, its keys are refused. `num_classes` and `splits` (train, eval) are read by
+    Hugging Face datasets (`hfds/<name>`) and WebDataset shards (`wds/<name>`, iterable: no per-class subsets).
+    """
+    augment = augment or Augment()
+    check_fraction(train_fraction)
+    if name.lower().startswith("hfds/"):
+        train, eval_set, info = _load_hfds(name, data_dir, input_size, train_transform, augment, num_classes, splits)
+        if train_fraction < 1:
+            train = Subset(train, per_class_subset(dataset_labels(train), train_fraction, seed))
+        return train, eval_set, info
+    if name.lower().startswith("wds/"):
+        if train_fraction < 1:
+            raise CatchupError(f"{name}: train_fraction needs random access; WebDataset shards are read in order")
+        return _load_wds(name, data_dir, input_size, train_transform, augment, seed, num_classes, splits)
     if name not in _BUILDERS:
         raise CatchupError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    check_fraction(train_fraction)
-    train, eval_set, info = _BUILDERS[name](name, data_dir, download, input_size, train_transform)
+    if name != "imagefolder" and augment.changed():
+        key = augment.changed()[0]
+        raise CatchupError(f"recipe key {key!r} applies to ImageNet-style data (imagefolder, hfds/, wds/); "
+                           f"{name} has its own fixed augmentation")
+    builder = _BUILDERS[name]
+    if builder is _load_image_folders:
+        train, eval_set, info = builder(name, data_dir, download, input_size, train_transform, augment)
+    else:
+        train, eval_set, info = builder(name, data_dir, download, input_size, train_transform)
     if train_fraction < 1:
         train = Subset(train, per_class_subset(dataset_labels(train), train_fraction, seed))
     return train, eval_set, info

@@ -1,7 +1,8 @@
 """DataInfo and the train/eval transforms of each data family.
 
 Fixed-size families (CIFAR, Tiny-ImageNet, Fashion-MNIST, digits) use `PadCropFlip`, a small tensor transform;
-the resizing families (ImageNet-style folders, fine-grained) use torchvision.transforms.v2.
+the ImageNet-style family uses timm's transforms (catchup/data/augment.py), the fine-grained family
+torchvision.transforms.v2.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
+from catchup.data.augment import Augment, imagenet_eval_transform, imagenet_train_transform
 from catchup.errors import CatchupError
 
 # family -> (native side length, random-crop padding, horizontal flip). Fashion-MNIST: pad-2 crop + flip, the
@@ -33,6 +35,8 @@ class DataInfo:
     mean: tuple[float, ...]  # per channel, in [0,1] pixel units
     std: tuple[float, ...]
     family: str  # 'cifar' | 'imagenet' | 'finegrained' | 'digits' | 'mnist' | 'tinyimagenet'
+    crop_pct: float = 0.875  # imagenet family: eval resize to input_size / crop_pct, then center crop
+    interpolation: str = "bilinear"  # imagenet family: eval resize interpolation
 
 
 class PadCropFlip:
@@ -92,15 +96,18 @@ def _finegrained_resize(info: DataInfo) -> int:
     return round(256 * info.input_size / 224)  # the 256 -> 224 recipe, scaled to other crop sizes
 
 
-def build_train_transform(info: DataInfo) -> Callable:
-    """Training-time augmentation for `info.family`; input a PIL image (or CHW tensor), output normalized."""
+def build_train_transform(info: DataInfo, augment: Augment | None = None) -> Callable:
+    """Training-time augmentation for `info.family`; input a PIL image (or CHW tensor), output normalized.
+
+    `augment` (timm train.py's options) drives the imagenet family; the other families have fixed recipes.
+    """
     if info.family in FIXED_FAMILIES:
         _, pad, flip = FIXED_FAMILIES[info.family]
         return PadCropFlip(info.input_size, info.mean, info.std, info.in_chans, pad=pad, flip=flip)
     s = info.input_size
     if info.family == "imagenet":
-        head = [v2.RandomResizedCrop(s, antialias=True)]
-    elif info.family == "finegrained":
+        return imagenet_train_transform(augment or Augment(), s, info.mean, info.std)
+    if info.family == "finegrained":
         r = _finegrained_resize(info)
         head = [v2.Resize((r, r), antialias=True), v2.RandomCrop(s)]
     else:
@@ -114,8 +121,8 @@ def build_eval_transform(info: DataInfo) -> Callable:
         return PadCropFlip(info.input_size, info.mean, info.std, info.in_chans)
     s = info.input_size
     if info.family == "imagenet":
-        head = [v2.Resize(int(s / 0.875), antialias=True), v2.CenterCrop(s)]
-    elif info.family == "finegrained":
+        return imagenet_eval_transform(s, info.mean, info.std, info.interpolation, info.crop_pct)
+    if info.family == "finegrained":
         r = _finegrained_resize(info)
         head = [v2.Resize((r, r), antialias=True), v2.CenterCrop(s)]
     else:
