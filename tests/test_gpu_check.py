@@ -18,7 +18,8 @@ def test_gpu_check_runs_tiny_on_cpu_and_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data == json.loads(json.dumps(result))
     rows, summary = data["compile"]["rows"], data["compile"]["summary"]
-    assert set(rows) == {"none eager", "none compiled", "catchup eager", "catchup compiled"}
+    assert set(rows) == {"none eager", "none compiled", "catchup eager", "catchup compiled",
+                         "none compiled, catchup's regions"}
     assert summary["graphs_compiled_after_warmup"] == 0
     assert summary["catchup_vs_none_compiled"] == rows["catchup compiled"]["step_s"] / rows["none compiled"]["step_s"]
     assert all(math.isfinite(r["step_s"]) and r["step_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows.values())
