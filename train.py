@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from catchup.config_help import RecipeArgumentParser
 from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
 from catchup.export import log_model_artifact
+from catchup.compile import compile_backend, compile_regions
 from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
 from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
                             make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
@@ -62,10 +64,12 @@ def main(argv=None) -> None:
     tracker = FilterNormTracker(model, every=cfg.track_filters_every) if cfg.track_filters else None
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model)
-    if cfg.torchcompile:
-        model = torch.compile(model)
+    backend = compile_backend(cfg.torchcompile)
+    if backend:     # after the mixer's and tracker's hooks: they stay eager, between compiled regions
+        compile_regions(model, backend)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
+    # Accelerate also steps at the end of the loader, after a partial accumulation
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
     progress = TrainProgress()
@@ -118,10 +122,10 @@ def main(argv=None) -> None:
             loader = train_loader
             if progress.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
-            stats = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
+            stats, stopped = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
                                     options, ema=ema, log=log, checkpoint=checkpoint,
                                     batches_per_epoch=len(train_loader), tracker=tracker)
-            if progress.step_in_epoch < steps_per_epoch:      # stopped by max_steps inside the epoch
+            if stopped:      # by max_steps, inside the epoch
                 checkpoint()
                 break
             row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}

@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
 
     def ours_epoch() -> float:
         progress.step_in_epoch = 0
-        stats = train_one_epoch(ours_model, ours_loader, mixer, criterion, ours_opt, None, accelerator, progress,
+        stats, _ = train_one_epoch(ours_model, ours_loader, mixer, criterion, ours_opt, None, accelerator, progress,
                                 options)
         _sync(accelerator)
         return stats["images_per_s"]

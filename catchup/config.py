@@ -72,7 +72,7 @@ class TrainConfig:
     model_ema: bool = False  # keep an exponential moving average of the weights
     model_ema_decay: float = 0.9998  # EMA decay per optimizer step
     channels_last: bool = False  # channels-last memory format
-    torchcompile: bool = False  # torch.compile the model
+    torchcompile: bool | str = False  # torch.compile the model's regions: true (inductor), false, or a backend name
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     clip_grad: float | None = None  # gradient norm clipping; None = off
     seed: int = 0  # random seed
@@ -247,12 +247,12 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
         key = name.replace("-", "_")
         i += 1
         if not has_value and key.startswith("no_") and key[3:] in _TYPES:
-            if _TYPES[key[3:]] is not bool:
+            if not _takes_bool(_TYPES[key[3:]]):
                 raise CatchupError(f"--{name}: recipe key {key[3:]!r} is not a true/false key")
             out[key[3:]] = False
             continue
         if not has_value and (i == len(argv) or argv[i].startswith("--")):
-            if key in _TYPES and _TYPES[key] is not bool:
+            if key in _TYPES and not _takes_bool(_TYPES[key]):
                 raise CatchupError(f"--{name} needs a value (recipe key {key!r} expects {describe(_TYPES[key])})")
             out[key] = True
             continue
@@ -266,6 +266,10 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             value = text  # `--wandb-name 2024` names the run "2024"
         out[key] = value
     return out
+
+
+def _takes_bool(tp: Any) -> bool:
+    return tp is bool or bool in typing.get_args(tp)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
@@ -385,6 +389,12 @@ def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None
     if cfg.mix_layers is not None and cfg.mix_layer_weights is not None \
             and len(cfg.mix_layers) != len(cfg.mix_layer_weights):
         fail("mix_layer_weights", f"must have one weight per entry of mix_layers ({len(cfg.mix_layers)})")
+    if isinstance(cfg.torchcompile, str):
+        from catchup.compile import compile_backend   # imports dynamo: only when a backend is named
+        try:
+            compile_backend(cfg.torchcompile)
+        except CatchupError:
+            fail("torchcompile", "must be true (inductor), false, or a name from torch._dynamo.list_backends()")
     why = _check_opt(cfg.opt)
     if why:
         fail("opt", f"is not a timm optimizer name ({why})")

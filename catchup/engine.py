@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from catchup.compile import PaddedEval, is_compiled
 from catchup.errors import CatchupError
 from catchup.mix import Mixer
 from catchup.robustness import classification_metrics, evaluate_logits
@@ -49,8 +50,12 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
                     accelerator: Accelerator, progress: TrainProgress, options: StepOptions,
                     ema: nn.Module | None = None, log: Callable[[dict, int], None] | None = None,
                     checkpoint: Callable[[], None] | None = None, batches_per_epoch: int | None = None,
-                    tracker=None) -> dict[str, float]:
-    """Train until the loader is exhausted (or ``max_steps``); returns the epoch's mean loss and throughput.
+                    tracker=None) -> tuple[dict[str, float], bool]:
+    """Train until the loader is exhausted (or ``max_steps``); returns the epoch's mean loss and throughput,
+    and whether ``max_steps`` stopped it before the end of the loader.
+
+    With gradient accumulation the epoch has ceil(micro-batches / accumulation) optimizer steps: Accelerate
+    also steps after the last, partial accumulation.
 
     The loss is checked for NaN/Inf without a per-step host sync: a device flag is read at each log step and
     before every checkpoint, so a non-finite loss stops the run before it can be saved.
@@ -62,7 +67,8 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
     seen, micro, start = 0, 0, time.perf_counter()
     layer_counts: dict[int, int] = {}
     total = batches_per_epoch or len(loader)
-    bar = tqdm(total=total // accelerator.gradient_accumulation_steps, initial=progress.step_in_epoch,
+    stopped = False
+    bar = tqdm(total=math.ceil(total / accelerator.gradient_accumulation_steps), initial=progress.step_in_epoch,
                desc=f"epoch {progress.epoch}", disable=not accelerator.is_main_process, dynamic_ncols=True,
                leave=False)
     for x, y in loader:
@@ -117,6 +123,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
             _check_finite(bad, progress)
             checkpoint()
         if options.max_steps and progress.global_step >= options.max_steps:
+            stopped = not accelerator.gradient_state.end_of_dataloader
             break
     bar.close()
     _check_finite(bad, progress)
@@ -126,7 +133,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
               "images_per_s": seen * accelerator.num_processes / max(elapsed, 1e-9), "epoch_time_s": elapsed}
     for layer, count in sorted(layer_counts.items()):
         result[f"mix_layer_share/{layer}"] = count / steps
-    return result
+    return result, stopped
 
 
 def _check_finite(bad: torch.Tensor, progress: TrainProgress) -> None:
@@ -139,6 +146,8 @@ def _check_finite(bad: torch.Tensor, progress: TrainProgress) -> None:
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, channels_last: bool = False) -> dict[str, float]:
     """Top-1, top-5, NLL and ECE over the whole eval set, each sample counted once across processes."""
     transform = (lambda x, y: x.contiguous(memory_format=torch.channels_last)) if channels_last else None
+    if is_compiled(model):    # static shapes: the last, smaller batch is padded rather than recompiled for
+        model = PaddedEval(model)
     logits, targets = evaluate_logits(model, _with_bar(loader, accelerator), accelerator.device,
                                       transform_batch=transform, gather=accelerator.gather_for_metrics)
     metrics = classification_metrics(logits.float(), targets)

@@ -232,6 +232,20 @@ def test_wrong_type_on_the_command_line():
     assert message == "recipe key 'lr' expects a float, got 'abc' (str) on the command line"
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--torchcompile"], True), (["--no-torchcompile"], False), (["--torchcompile", "true"], True),
+    (["--torchcompile", "aot_eager"], "aot_eager"), (["--torchcompile", "inductor"], "inductor"),
+])
+def test_torchcompile_takes_timms_bool_or_backend_forms(argv, expected):
+    assert load_config(None, argv).torchcompile == expected
+
+
+def test_torchcompile_rejects_unknown_backends_and_other_types():
+    assert "must be true (inductor), false, or a name from torch._dynamo.list_backends()" in error(
+        load_config, None, ["--torchcompile", "inductorr"])
+    assert "expects a bool (true/false) or a string, got 3 (int)" in error(load_config, None, {"torchcompile": 3})
+
+
 def test_validate_catches_wrong_types_in_code():
     assert "expects an int" in error(validate, TrainConfig(epochs="3"))
     assert "expects a list of ints" in error(validate, TrainConfig(decay_milestones=50))

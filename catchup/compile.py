@@ -1,0 +1,133 @@
+"""Regional ``torch.compile``: the model's forward hooks stay eager, so mixing never recompiles.
+
+Compiling the whole model puts the stage hooks inside the compiled code: dynamo then guards on what they read
+(the plan's layer, whether a plan is armed) and recompiles for every layer a mixer picks. Here only the
+``forward`` of each *region* is compiled: the largest submodules with no hooked module strictly inside them.
+Forward hooks run in ``Module.__call__``, outside ``forward``, so they stay eager between compiled regions and
+every plan (any layer, no mixing, any lambda) runs the same compiled code. State-dict keys are unchanged (no
+``_orig_mod.`` wrapper), so checkpoints and weights are the same whether a run is compiled or not.
+
+Regions are compiled with static shapes: evaluation pads its last, smaller batch (``pad_batch``) instead of
+recompiling for it. Each region is compiled once per kind of call (training, evaluation).
+"""
+from __future__ import annotations
+
+import types
+from collections import Counter
+from typing import Callable
+
+import torch
+from torch import nn
+
+from catchup.errors import CatchupError
+
+Backend = str | Callable
+
+
+def compile_backend(value: bool | str) -> str | None:
+    """The recipe's ``torchcompile`` in timm's form: false -> None, true -> 'inductor', or a backend name."""
+    if value is False:
+        return None
+    if value is True:
+        return "inductor"
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if value not in known:
+        raise CatchupError(f"torchcompile: unknown backend {value!r}; use true (inductor), false, or one of "
+                           f"{', '.join(sorted(known))}")
+    return value
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def compile_regions(model: nn.Module, backend: Backend = "inductor", **options) -> list[str]:
+    """Compile, in place, the ``forward`` of each region of ``model``; returns the region names.
+
+    A region is a submodule none of whose strict descendants has a forward (pre-)hook; the model itself when
+    nothing inside it is hooked. Register the mixer's (and any tracker's) hooks first. Options go to
+    ``torch.compile`` (``dynamic`` defaults to False).
+    """
+    options.setdefault("dynamic", False)
+    regions: list[tuple[str, nn.Module]] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        inner_hooks = any(_hooked(m) for m in module.modules() if m is not module)
+        if not inner_hooks:
+            regions.append((name, module))
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    compiled_code: dict[types.CodeType, Callable] = {}
+    for _, module in regions:
+        if is_compiled_region(module):
+            continue
+        func = type(module).forward
+        # One compiled function per forward code object, bound to each module: a deepcopy (an EMA model)
+        # rebinds it to the copy, and modules of one class share dynamo's cache as they would anyway.
+        if func.__code__ not in compiled_code:
+            compiled_code[func.__code__] = torch.compile(func, backend=backend, **options)
+        module.forward = types.MethodType(compiled_code[func.__code__], module)
+    _raise_recompile_limit(Counter(type(m).forward.__code__ for _, m in regions))
+    return [name or "(model)" for name, _ in regions]
+
+
+def _raise_recompile_limit(shared: Counter) -> None:
+    """Dynamo caches compiled code per code object, up to a limit (8) after which it silently runs eagerly.
+
+    Regions of one class (the four stages of a ResNet) share their class's ``forward`` code, and each is
+    compiled for training and evaluation (and an EMA copy may add its own), so the limit must cover them all.
+    """
+    needed = 4 * max(shared.values(), default=1)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), needed))
+
+
+def is_compiled_region(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return hasattr(getattr(forward, "__func__", None), "_torchdynamo_orig_callable")
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """True when any part of the model runs compiled code (regional or ``torch.compile(model)``)."""
+    return any(is_compiled_region(m) or hasattr(m, "_orig_mod") for m in model.modules())
+
+
+def uncompile(model: nn.Module) -> nn.Module:
+    """Drop the compiled forwards again (in place), e.g. on a copy that should run eagerly."""
+    for module in model.modules():
+        if is_compiled_region(module):
+            del module.forward
+    return model
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with its last sample repeated up to ``size`` rows (eval only: no sample sees another)."""
+    missing = size - x.shape[0]
+    if missing <= 0:
+        return x
+    return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])]).contiguous(memory_format=_format(x))
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class PaddedEval(nn.Module):
+    """Wraps a compiled model for evaluation: every batch is padded to the largest batch seen (the loader's
+    batch size, from its first batch) and the padding's outputs dropped, so the last, smaller batch runs the
+    same static-shape code as the others."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.batch_size = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        self.batch_size = max(self.batch_size, n)
+        return self.model(pad_batch(x, self.batch_size))[:n]

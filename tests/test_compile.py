@@ -1,0 +1,133 @@
+"""Regional torch.compile: mixing at any layer runs the same compiled code, weights carry no wrapper prefix,
+and compiled and eager runs resume from each other's checkpoints.
+
+Graphs are counted as calls of the compiler backend (dynamo hands it one graph per compilation): a counting
+backend in the unit tests, ``torch._dynamo.utils.counters["stats"]["unique_graphs"]`` for a whole train.py run.
+"""
+import copy
+import csv
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import catchup.models  # noqa: F401
+from catchup.compile import PaddedEval, compile_regions, is_compiled, pad_batch, uncompile
+from catchup.mix import build_mixer
+from catchup.runs import load_run
+from tests.helpers import load_safetensors, run_train, train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REGIONS = ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "final", "global_pool", "fc"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()     # compiled code of earlier tests' models would otherwise be reused or counted
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model("preactresnet18", width=4, num_classes=10, in_chans=1)
+
+
+def force_layer(mixer, layer):
+    """The next plan mixes at ``layer`` (None: no mixing)."""
+    mixer.enabled = layer is not None
+    if layer is not None:
+        mixer.layer_weights = np.eye(len(mixer.stages))[layer]
+
+
+def test_regions_split_only_around_hooked_modules():
+    model = tiny_model()
+    assert compile_regions(model, "eager") == ["(model)"]     # nothing hooked: the whole model is one region
+    model = tiny_model()
+    mixer = build_mixer("catchup", model, num_classes=10, input_size=(1, 8, 8))
+    assert [s.module_name for s in mixer.stages[1:]] == REGIONS[:5]
+    assert compile_regions(model, "eager") == REGIONS
+    assert is_compiled(model) and "_orig_mod" not in "".join(model.state_dict())
+    assert not is_compiled(uncompile(model))
+
+
+def test_mixing_at_every_layer_and_eval_of_a_partial_batch_never_recompile():
+    model = tiny_model()
+    eager = copy.deepcopy(model)
+    mixer = build_mixer("catchup", model, num_classes=10, input_size=(1, 8, 8), seed=3)
+    eager_mixer = build_mixer("catchup", eager, num_classes=10, input_size=(1, 8, 8), seed=3)
+    backend = CompileCounterWithBackend("aot_eager")
+    compile_regions(model, backend)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+    for m, net in ((mixer, model), (eager_mixer, eager)):   # both mixers draw from the same stream
+        force_layer(m, None)
+        train_step(m, net, x, y)
+    assert backend.frame_count == len(REGIONS)            # the first training step: one graph per region
+    for layer in [0, 1, 2, 3, 4, 5, None, 3, 5, 1]:      # every layer, no mixing, new lambdas and partners
+        for m in (mixer, eager_mixer):
+            force_layer(m, layer)
+        _, _, loss, _ = train_step(mixer, model, x, y)
+        _, _, eager_loss, _ = train_step(eager_mixer, eager, x, y)
+        assert mixer.last_plan is None if layer is None else mixer.last_plan.layer == layer
+        # the hook really mixed between the compiled regions: the same plan gives the eager model's loss
+        assert torch.allclose(loss, eager_loss, atol=1e-5), layer
+    assert backend.frame_count == len(REGIONS)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, dict(eager.named_parameters())[name].grad, atol=1e-4), name
+
+    model.eval()
+    evaluated = PaddedEval(model)
+    with torch.no_grad():
+        full = evaluated(x)
+        assert backend.frame_count == 2 * len(REGIONS)    # evaluation (eval mode, no grad): one more per region
+        partial = evaluated(x[:5])
+        assert torch.allclose(partial, full[:5], atol=1e-6)
+        ema = copy.deepcopy(model)                        # an EMA copy runs its own weights on the same code
+        assert ema.stem.forward.__self__ is ema.stem
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.mul_(0.5)
+        assert not torch.allclose(PaddedEval(ema)(x), full)
+    assert backend.frame_count == 2 * len(REGIONS)
+
+
+def test_pad_batch_repeats_the_last_sample_and_keeps_the_memory_format():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    padded = pad_batch(x, 4)
+    assert padded.shape == (4, 3, 2, 2) and padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:2], x) and torch.equal(padded[2], x[1]) and torch.equal(padded[3], x[1])
+    assert pad_batch(x, 2) is x
+
+
+def test_three_epoch_quickstart_compiles_each_region_twice_and_writes_plain_weights(tmp_path):
+    out = tmp_path / "compiled"
+    run_train(out, "--epochs", "3", "--seed", "1", "--torchcompile", "aot_eager", "--model-ema", "--model-ema-decay", "0.9")
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    hit = {k.rsplit("/", 1)[1] for row in rows for k, v in row.items() if k.startswith("mix_layer_share/") and v
+           and float(v) > 0}
+    assert {"0", "1", "2", "3", "4", "5"} <= hit                  # every layer was mixed at
+    # 8 regions x (training, evaluation); the EMA evaluation reuses the evaluation graphs
+    assert counters["stats"]["unique_graphs"] == 2 * len(REGIONS)
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        keys = load_safetensors(out / name)
+        assert not any("_orig_mod" in k for k in keys)
+        plain = timm.create_model("preactresnet18", width=4, num_classes=10, in_chans=1)
+        plain.load_state_dict(keys)                               # strict: every key matches a plain timm model
+    assert load_run(out).model is not None
+
+
+def test_compiled_and_eager_runs_resume_from_each_other(tmp_path):
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    run_train(straight, "--epochs", "3")
+    run_train(mixed, "--epochs", "3", "--max-steps", "16")                     # eager, stops inside epoch 1
+    run_train(mixed, "--epochs", "3", "--max-steps", "27", "--resume", "--torchcompile", "aot_eager")
+    run_train(mixed, "--epochs", "3", "--resume")                               # eager again, to the end
+    a, b = load_safetensors(straight / "model.safetensors"), load_safetensors(mixed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
