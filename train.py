@@ -15,19 +15,9 @@ import os
 import uuid
 from pathlib import Path
 
-import torch
-from accelerate.utils import set_seed
-from timm.utils import ModelEmaV3
-
-from catchup.config import config_to_dict, dump_config, load_config
-from catchup.data import build_datasets
-from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
-from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
-from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
-                            make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
-from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_data_info,
-                          save_weights, staging_dir)
+from catchup.config import TrainConfig, load_config
+from catchup.rundir import check_output, prepare_output, record_resume, resume_candidates
 
 
 def parse_args(argv):
@@ -42,6 +32,25 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
+    train(cfg, args, changes)
+
+
+def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
+    import torch
+    from accelerate.utils import set_seed
+    from timm.utils import ModelEmaV3
+
+    from catchup.analysis import FilterNormTracker
+    from catchup.config import config_to_dict, dump_config
+    from catchup.data import build_datasets
+    from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
+    from catchup.recipe import (make_accelerator, make_criterion, make_loaders, make_mixer, make_optimizer,
+                                make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
+    from catchup.resume import load_checkpoint
+    from catchup.runs import build_model, publish_checkpoint, save_data_info, save_weights, staging_dir
+    from catchup.stopping import StopOnSignal
+
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
     accelerator = make_accelerator(cfg, wandb_mode)
     main_process = accelerator.is_main_process
@@ -49,7 +58,7 @@ def main(argv=None) -> None:
     if main_process:
         prepare_output(output, resume=bool(args.resume), overwrite=args.overwrite)
     accelerator.wait_for_everyone()
-    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    candidates = resume_candidates(output, args.resume) if args.resume else []
     set_seed(cfg.seed, device_specific=True)
 
     # data, model, mixer
@@ -70,14 +79,16 @@ def main(argv=None) -> None:
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
     progress = TrainProgress()
-    for obj in (progress, mixer, scheduler, ema):   # same order on save and load
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    custom = [obj for obj in (progress, mixer, scheduler, ema) if obj is not None]    # same order on save and load
+    accelerator.register_for_checkpointing(*custom)
+    if candidates:
+        resume_from = load_checkpoint(candidates, accelerator, model, optimizer, scheduler, len(custom),
+                                      lambda: progress.global_step, warn=accelerator.print)
         accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
         if tracker is not None and (output / FILTER_NORMS).exists():
             tracker.load(output / FILTER_NORMS)
+        if main_process:
+            record_resume(cfg, output / "config.yaml", changes, progress.global_step)
     elif main_process:
         dump_config(cfg, output / "config.yaml")
         save_data_info(output, info)
@@ -110,6 +121,7 @@ def main(argv=None) -> None:
     options = StepOptions(clip_grad=cfg.clip_grad, channels_last=cfg.channels_last, log_every=cfg.log_every,
                           max_steps=cfg.max_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
     criterion = make_criterion(cfg)
+    stop = StopOnSignal(accelerator, every=cfg.log_every).install()
     try:
         while progress.epoch < cfg.epochs and not _reached(cfg.max_steps, progress):
             epoch = progress.epoch
@@ -121,7 +133,7 @@ def main(argv=None) -> None:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
             stats = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
                                     options, ema=ema, log=log, checkpoint=checkpoint,
-                                    batches_per_epoch=len(train_loader), tracker=tracker)
+                                    batches_per_epoch=len(train_loader), tracker=tracker, stop=stop)
             if progress.step_in_epoch < steps_per_epoch:      # stopped by max_steps inside the epoch
                 checkpoint()
                 break
@@ -133,13 +145,14 @@ def main(argv=None) -> None:
                     row.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, accelerator,
                                                                     cfg.channels_last).items()})
             progress.history.append(row)
-            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            progress.next_epoch()
             log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()}, progress.global_step)
             accelerator.print(_epoch_line(row))
             if main_process:
                 _write_summary(output, progress.history)
             checkpoint()
     finally:
+        stop.restore()
         accelerator.end_training()
     if main_process:
         save_weights(accelerator.unwrap_model(model), output / "model.safetensors")
