@@ -23,6 +23,7 @@ from catchup.errors import CatchupError
 from catchup.evaluation import (SUITES, EvalOptions, evaluate_model, load_model, open_run, open_suite_data, parse_eps,
                                 select_suites, short_names)
 from catchup.report import log_to_wandb, summary_columns, write_report
+from catchup.rundir import check_writable
 
 
 def parse_args(argv):
@@ -61,6 +62,10 @@ def _check_args(args) -> Path:
     for folder in (out, *out.parents):
         if (folder / "config.yaml").exists() and folder / "eval" not in (out, *out.parents):
             raise CatchupError(f"--output {out} lies in the run folder {folder}; reports go to its eval/ or elsewhere")
+    for run in args.run:
+        if not run.is_dir():
+            raise CatchupError(f"no such run folder: {run}")
+    check_writable(out, "report folder")
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from catchup.cli import run_cli
 from catchup.config import TrainConfig, load_config
 from catchup.rundir import check_output, prepare_output, record_resume, resume_candidates
+from catchup.stopping import stop_signals
 
 
 def parse_args(argv):
@@ -33,6 +34,7 @@ def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
+    stop_signals()
     train(cfg, args, changes)
 
 

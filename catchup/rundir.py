@@ -104,8 +104,7 @@ def check_output(cfg: TrainConfig, resume: str | bool, overwrite: bool) -> dict[
         return {}
     if resume is True and not _holds_run(out):
         raise CatchupError(f"--resume: {out} holds no run to resume (set --output to the run folder)")
-    if resume is True:
-        resume_candidates(out, resume)
+    resume_candidates(out, resume)
     return recipe_changes(cfg, out / "config.yaml")
 
 

@@ -2,7 +2,7 @@
 script asks for with `#SBATCH --signal=USR1@180`) make the run write a checkpoint at the next step boundary and
 exit with STOPPED_EXIT_CODE, so that a requeued job continues with `--resume`.
 
-CATCHUP_STOP_SIGNALS (e.g. `SIGTERM,SIGUSR2`) replaces the set of signals. A second signal stops at once.
+CATCHUP_STOP_SIGNALS (e.g. `SIGTERM,SIGUSR2`) replaces the set of signals.
 """
 from __future__ import annotations
 
@@ -64,8 +64,10 @@ class StopOnSignal:
         self.restore()
 
     def _handle(self, signum: int, frame) -> None:
+        # A repeat is ignored: under SLURM a process may get the signal both from the scheduler and from the
+        # launcher passing it on. Ctrl-C (SIGINT) still stops at once, keeping the last complete checkpoint.
         if self.received is not None:
-            raise KeyboardInterrupt     # a second signal: stop now, the last complete checkpoint is kept
+            return
         self.received = signal.Signals(signum)
         print(f"received {self.received.name}: writing a checkpoint at the next step boundary, then stopping",
               file=sys.stderr, flush=True)
