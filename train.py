@@ -34,11 +34,12 @@ def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
-    stop_signals()
+    stop_signals()                                               # a bad CATCHUP_STOP_SIGNALS, too
     train(cfg, args, changes)
 
 
 def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
+    """The run itself; torch and everything built on it load only here, once the checks have passed."""
     import torch
     from accelerate.utils import set_seed
     from timm.utils import ModelEmaV3
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
             tracker.load(output / FILTER_NORMS)
         if main_process:
             record_resume(cfg, output / "config.yaml", changes, progress.global_step)
-    elif main_process:
+    if main_process and not (output / "config.yaml").exists():    # a new run, or one resumed from a foreign PATH
         dump_config(cfg, output / "config.yaml")
         save_data_info(output, info)
 

@@ -16,6 +16,7 @@ def run_cli(main: Callable[[], object], interrupted: str = "interrupted") -> Non
     except CatchupError as err:
         _fail(one_line(err) or str(err))
     except Stopped as stop:
+        _close_progress_bars()
         print(stop, file=sys.stderr)
         sys.exit(STOPPED_EXIT_CODE)
     except KeyboardInterrupt:
@@ -49,5 +50,14 @@ def one_line(err: BaseException) -> str | None:
 
 
 def _fail(message: str) -> None:
+    _close_progress_bars()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """A bar an exception left open would put the message at the end of its line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
