@@ -90,6 +90,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
         fold()
         if checkpoint is not None:
             checkpoint()
+
     total = batches_per_epoch or len(loader)
     bar = tqdm(total=total // accelerator.gradient_accumulation_steps, initial=progress.step_in_epoch,
                desc=f"epoch {progress.epoch}", disable=not accelerator.is_main_process, dynamic_ncols=True,

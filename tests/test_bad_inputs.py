@@ -102,6 +102,7 @@ def resume(key: str, *args):
     return lambda p: train("--output", p[key], "--resume", *args)
 
 
+UNWRITABLE = "/sys/catchup-output"      # sysfs takes no new files, not even from root
 IMAGENET = ["--config", "configs/imagenet/resnet50_catchup_300ep.yaml", "--input-size", "32", "--batch-size", "4",
             "--eval-batch-size", "4", "--max-steps", "2", "--wandb-mode", "disabled"]
 
@@ -123,6 +124,7 @@ CASES = [
     ("stray-argument", lambda p: train("stray"), "unexpected command-line argument", ()),
     # train.py: the output folder
     ("output-under-a-file", lambda p: train("--output", p["file"] / "run"), "is a file, not a folder", ()),
+    ("output-not-writable", lambda p: train("--output", UNWRITABLE), "cannot write the output folder", ()),
     ("rerun-over-a-run", lambda p: train("--output", p["run"]), "already holds a run", ("run",)),
     ("rerun-over-a-run-that-died", lambda p: train("--output", p["died"]), "--overwrite", ("died",)),
     ("resume-and-overwrite", resume("run", "--overwrite"), "pass one of them", ("run",)),
@@ -161,6 +163,8 @@ CASES = [
     ("eval-missing-run", lambda p: ("evaluate.py", ["--run", p["root"] / "nope"]), "no such run folder", ()),
     ("eval-output-under-a-file", lambda p: ("evaluate.py", ["--run", p["run"], "--output", p["file"] / "r"]),
      "is a file, not a folder", ("run",)),
+    ("eval-output-not-writable", lambda p: ("evaluate.py", ["--run", p["run"], "--output", UNWRITABLE]),
+     "cannot write the report folder", ("run",)),
     ("eval-unknown-suite", lambda p: ("evaluate.py", ["--run", p["run"], "--suite", "bogus"]), "unknown suite",
      ("run",)),
     ("eval-eps-out-of-range", lambda p: ("evaluate.py", ["--run", p["run"], "--fgsm-eps", "2"]),
@@ -193,6 +197,8 @@ CASES = [
      ()),
     ("analysis-output-under-a-file", lambda p: ("-m", ["activations", "--run", p["run"], "--output",
                                                        p["file"] / "x"]), "is a file, not a folder", ("run",)),
+    ("analysis-output-not-writable", lambda p: ("-m", ["activations", "--run", p["run"], "--output", UNWRITABLE]),
+     "cannot write the output folder", ("run",)),
     ("analysis-device-not-here", lambda p: ("-m", ["activations", "--run", p["run"], "--device", "cuda:99"]),
      "--device cuda:99", ("run",)),
     ("analysis-device-unknown", lambda p: ("-m", ["activations", "--run", p["run"], "--device", "blah"]),

@@ -131,3 +131,20 @@ def test_resume_with_more_epochs_follows_the_longer_schedule_and_records_it(stra
     # the copy's output differs from the recorded one too, and is recorded
     assert history[0].startswith("# resumed at step 22: epochs 2 -> 4, ") and "log_every 2 -> 5" in history[0]
     assert history[1] == "# resumed at step 44: epochs 4 -> 5"
+
+
+def test_the_stop_signals_are_sigterm_and_sigusr1_or_those_the_environment_names(monkeypatch):
+    from catchup.stopping import ENV, StopOnSignal
+    monkeypatch.delenv(ENV, raising=False)
+    with StopOnSignal() as stop:
+        assert not stop.requested(1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)          # a repeat (as the launcher passes it on) changes nothing
+        assert stop.requested(2) and stop.message(2).startswith("stopped by SIGUSR1 at step 2")
+    term = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv(ENV, "usr2")
+    with StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGTERM) is term          # not one of the named signals
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested(3) and "SIGUSR2" in stop.message(3)
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
