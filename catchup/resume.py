@@ -23,9 +23,9 @@ def checkpoint_problem(folder: Path, accelerator: Accelerator, model: nn.Module,
         return f"{folder.name}/{path.name}"
 
     weights = folder / "model.safetensors"
-    own = model.state_dict()      # the prepared model's keys, as Accelerate saves them
+    own = _plain_keys(model.state_dict())
     try:
-        saved = load_file(str(weights))
+        saved = _plain_keys(load_file(str(weights)))
     except Exception as err:  # safetensors raises its own error types for missing, truncated or corrupt files
         return f"{name(weights)} cannot be read ({_first_line(err)})"
     wrong = sorted(set(own) ^ set(saved)) or [k for k in own if saved[k].shape != own[k].shape]
@@ -42,7 +42,9 @@ def checkpoint_problem(folder: Path, accelerator: Accelerator, model: nn.Module,
     if sizes != [len(g["params"]) for g in optimizer.param_groups] or not _state_fits(state["state"], params):
         return f"{name(optimizer_file)} does not fit the model's parameters"
     files = [folder / f"custom_checkpoint_{i}.pkl" for i in range(custom_states)]
-    files.append(folder / f"random_states_{accelerator.process_index}.pkl")
+    random_states = folder / f"random_states_{accelerator.process_index}.pkl"
+    if random_states.exists():      # absent when fewer processes wrote the checkpoint; Accelerate then goes on
+        files.append(random_states)
     found = [p for p in folder.iterdir() if re.fullmatch(r"custom_checkpoint_\d+\.pkl", p.name)]
     if len(found) != custom_states:
         return f"{folder.name} holds {len(found)} custom states, the run expects {custom_states}"
@@ -78,6 +80,16 @@ def load_checkpoint(candidates: list[Path], accelerator: Accelerator, model: nn.
     if len(candidates) == 1:
         raise CatchupError(f"cannot resume from {candidates[0]}: {problems[0]}")
     raise CatchupError(f"no intact checkpoint in {candidates[0].parent}: {'; '.join(problems)}; {START_OVER}")
+
+
+def _plain_keys(state: dict) -> dict:
+    """Keys without the wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``), which differ with
+    the number of processes and compilation while the weights are the same."""
+    def plain(key: str) -> str:
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+    return {plain(k): v for k, v in state.items()}
 
 
 def _state_fits(state: dict, params: list[torch.Tensor]) -> bool:
