@@ -16,13 +16,10 @@ import argparse
 import time
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from catchup.cli import run_cli
 from catchup.errors import CatchupError
-from catchup.evaluation import (SUITES, EvalOptions, evaluate_model, load_model, open_run, open_suite_data, parse_eps,
-                                select_suites, short_names)
-from catchup.report import log_to_wandb, summary_columns, write_report
+from catchup.rundir import check_writable
+from catchup.suites import SUITES, parse_eps, select_suites, short_names
 
 
 def parse_args(argv):
@@ -61,6 +58,10 @@ def _check_args(args) -> Path:
     for folder in (out, *out.parents):
         if (folder / "config.yaml").exists() and folder / "eval" not in (out, *out.parents):
             raise CatchupError(f"--output {out} lies in the run folder {folder}; reports go to its eval/ or elsewhere")
+    for run in args.run:
+        if not run.is_dir():
+            raise CatchupError(f"no such run folder: {run}")
+    check_writable(out, "report folder")
     return out
 
 
@@ -69,7 +70,14 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     out_dir = _check_args(args)
     suites, skipped = select_suites(args.suite, args.corruption_dir, args.ood_dir)
-    options = EvalOptions(suites=suites, fgsm_eps=parse_eps(args.fgsm_eps), corruption_dir=args.corruption_dir,
+    eps = parse_eps(args.fgsm_eps)
+    # torch loads only once the arguments are known to be good
+    from accelerate import Accelerator
+
+    from catchup.evaluation import EvalOptions, evaluate_model, load_model, open_run, open_suite_data
+    from catchup.report import log_to_wandb, write_report
+
+    options = EvalOptions(suites=suites, fgsm_eps=eps, corruption_dir=args.corruption_dir,
                           ood_dirs=tuple(args.ood_dir), ood_classes=args.ood_classes, batch_size=args.batch_size,
                           workers=args.workers, seed=args.seed)
     weights = ("final", "ema") if args.weights == "both" else (args.weights,)
@@ -107,6 +115,7 @@ def main(argv=None) -> Path:
 
 
 def _print_summary(rows: list[dict], eps_labels: list[str]) -> None:
+    from catchup.report import summary_columns
     for row in rows:
         cells = [f"{h} {v:.2f}" for h, get in summary_columns([row], eps_labels)[2:]
                  if isinstance(v := get(row), float)]

@@ -8,6 +8,7 @@ Every recipe key can be overridden on the command line (`--key value`, dashes or
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -15,21 +16,11 @@ import os
 import uuid
 from pathlib import Path
 
-import torch
-from accelerate.utils import set_seed
-from timm.utils import ModelEmaV3
-
-from catchup.config import config_to_dict, dump_config, load_config
-from catchup.config_help import RecipeArgumentParser
-from catchup.analysis import FilterNormTracker
 from catchup.cli import run_cli
-from catchup.export import log_model_artifact
-from catchup.compile import compile_backend, compile_regions
-from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
-from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
-                            make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
-from catchup.runs import (build_model, prepare_output, publish_checkpoint, resolve_resume, save_data_info,
-                          save_weights, staging_dir)
+from catchup.config import TrainConfig, load_config
+from catchup.config_help import RecipeArgumentParser
+from catchup.rundir import check_output, prepare_output, record_resume, resume_candidates
+from catchup.stopping import stop_signals
 
 
 def parse_args(argv):
@@ -44,6 +35,28 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
+    stop_signals()                                               # a bad CATCHUP_STOP_SIGNALS, too
+    train(cfg, args, changes)
+
+
+def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
+    """The run itself; torch and everything built on it load only here, once the checks have passed."""
+    import torch
+    from accelerate.utils import set_seed
+    from timm.utils import ModelEmaV3
+
+    from catchup.analysis import FilterNormTracker
+    from catchup.config import config_to_dict, dump_config
+    from catchup.compile import compile_backend, compile_regions
+    from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
+    from catchup.export import log_model_artifact
+    from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
+                                make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
+    from catchup.resume import load_checkpoint
+    from catchup.runs import build_model, publish_checkpoint, save_data_info, save_weights, staging_dir
+    from catchup.stopping import StopOnSignal
+
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
     accelerator = make_accelerator(cfg, wandb_mode)
     main_process = accelerator.is_main_process
@@ -51,7 +64,7 @@ def main(argv=None) -> None:
     if main_process:
         prepare_output(output, resume=bool(args.resume), overwrite=args.overwrite)
     accelerator.wait_for_everyone()
-    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    candidates = resume_candidates(output, args.resume) if args.resume else []
     set_seed(cfg.seed, device_specific=True)
 
     # data, model, mixer
@@ -73,15 +86,17 @@ def main(argv=None) -> None:
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
     progress = TrainProgress()
-    for obj in (progress, mixer, scheduler, ema):   # same order on save and load
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    custom = [obj for obj in (progress, mixer, scheduler, ema) if obj is not None]    # same order on save and load
+    accelerator.register_for_checkpointing(*custom)
+    if candidates:
+        resume_from = load_checkpoint(candidates, accelerator, model, optimizer, scheduler, len(custom),
+                                      lambda: progress.global_step, warn=accelerator.print)
         accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
         if tracker is not None and (output / FILTER_NORMS).exists():
             tracker.load(output / FILTER_NORMS)
-    elif main_process:
+        if main_process:
+            record_resume(cfg, output / "config.yaml", changes, progress.global_step)
+    if main_process and not (output / "config.yaml").exists():    # a new run, or one resumed from a foreign PATH
         dump_config(cfg, output / "config.yaml")
         save_data_info(output, info)
 
@@ -113,6 +128,7 @@ def main(argv=None) -> None:
     options = StepOptions(clip_grad=cfg.clip_grad, channels_last=cfg.channels_last, log_every=cfg.log_every,
                           max_steps=cfg.max_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
     criterion = make_criterion(cfg)
+    stop = StopOnSignal(accelerator, every=cfg.log_every).install()
     try:
         while progress.epoch < cfg.epochs and not _reached(cfg.max_steps, progress):
             epoch = progress.epoch
@@ -122,9 +138,9 @@ def main(argv=None) -> None:
             loader = train_loader
             if progress.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
-            stats, stopped = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator, progress,
-                                    options, ema=ema, log=log, checkpoint=checkpoint,
-                                    batches_per_epoch=len(train_loader), tracker=tracker)
+            stats, stopped = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator,
+                                             progress, options, ema=ema, log=log, checkpoint=checkpoint,
+                                             batches_per_epoch=len(train_loader), tracker=tracker, stop=stop)
             if stopped:      # by max_steps, inside the epoch
                 checkpoint()
                 break
@@ -136,7 +152,7 @@ def main(argv=None) -> None:
                     row.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, accelerator,
                                                                     cfg.channels_last).items()})
             progress.history.append(row)
-            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            progress.next_epoch()
             log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()}, progress.global_step)
             accelerator.print(_epoch_line(row))
             if main_process:
@@ -146,6 +162,7 @@ def main(argv=None) -> None:
             wandb_run = accelerator.get_tracker("wandb", unwrap=True)
             log_model_artifact(wandb_run, accelerator.unwrap_model(model), cfg, info)
     finally:
+        stop.restore()
         accelerator.end_training()
     if main_process:
         save_weights(accelerator.unwrap_model(model), output / "model.safetensors")

@@ -8,26 +8,54 @@ from pathlib import Path
 from typing import Callable
 
 from catchup.errors import CatchupError
+from catchup.stopping import STOPPED_EXIT_CODE, Stopped
+
+_WORKER = "in DataLoader worker process"
 
 
 def run_cli(main: Callable[[], object], interrupted: str = "interrupted") -> None:
     try:
         main()
     except CatchupError as err:
-        _fail(str(err))
+        _fail(one_line(err) or str(err))
+    except Stopped as stop:
+        _close_progress_bars()
+        print(stop, file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
-    except Exception as err:   # a CatchupError raised in a DataLoader worker arrives re-wrapped, with a traceback
-        if "CatchupError" not in str(err):
+    except Exception as err:
+        message = one_line(err)
+        if message is None:
             raise
-        _fail(str(err).strip().splitlines()[-1].split("CatchupError: ")[-1])
+        _fail(message)
+
+
+def one_line(err: BaseException) -> str | None:
+    """The user-facing line of an error that is not a bug: a CatchupError or a file-system error, also when a
+    DataLoader worker raised it (the loader re-raises it with the worker's whole traceback in the message);
+    None for anything else, which keeps its traceback."""
+    text = str(err).strip()
+    if _WORKER in text:
+        last = text.splitlines()[-1]
+        kind, _, detail = last.partition(": ")
+        if kind.rsplit(".", 1)[-1] == "CatchupError":
+            return detail
+        if isinstance(err, OSError):
+            return f"a DataLoader worker failed: {detail or kind}"
+        return None
+    if "CatchupError: " in text:         # re-wrapped by a library (e.g. a RuntimeError from a worker pool)
+        return text.splitlines()[-1].split("CatchupError: ")[-1]
+    if isinstance(err, OSError):         # a corrupt image, a full disk, a file that vanished
+        return text.replace("\n", " ") or type(err).__name__
+    return None
 
 
 def _fail(message: str) -> None:
+    _close_progress_bars()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 
 
 def train() -> None:
@@ -52,3 +80,9 @@ def _run_script(name: str) -> None:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / f"{name}.py"), run_name="__main__")
+def _close_progress_bars() -> None:
+    """A bar an exception left open would put the message at the end of its line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()

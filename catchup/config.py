@@ -188,6 +188,9 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise CatchupError(f"cannot read recipe {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise CatchupError(f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                           f"{err.start}); save it as UTF-8") from None
     try:
         data = _yaml_value(text)
     except yaml.YAMLError as err:
@@ -298,13 +301,15 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved recipe so that `load_config(path)` gives back an equal config."""
+def dump_config(cfg: TrainConfig, path: str | Path, notes: Sequence[str] = ()) -> None:
+    """Write the resolved recipe so that `load_config(path)` gives back an equal config; `notes` become comment
+    lines under the header."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, default_flow_style=False, sort_keys=False)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved recipe: rerun with --config " + path.name + "\n" + body, encoding="utf-8")
+    header = "".join(f"# {note}\n" for note in ("resolved recipe: rerun with --config " + path.name, *notes))
+    tmp.write_text(header + body, encoding="utf-8")
     os.replace(tmp, path)  # readers never see a half-written file
 
 
@@ -341,20 +346,26 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
 _CHOICES = {"sched": SCHEDULERS, "label_lam": LABEL_LAM, "wandb_mode": WANDB_MODES}
 
 
+# timm has had these for years; knowing them spares importing timm (and torch) to check most recipes
+_COMMON_OPTIMIZERS = {"sgd", "momentum", "adam", "adamw", "nadam", "radam", "rmsprop", "rmsproptf", "lamb", "lion"}
+
+
 def _timm_optimizers() -> set[str]:
     try:
         from timm.optim import list_optimizers
     except ImportError:  # timm releases before the optimizer registry
-        return {"sgd", "momentum", "adam", "adamw", "nadam", "radam", "rmsprop", "rmsproptf", "lamb", "lion"}
+        return _COMMON_OPTIMIZERS
     return set(list_optimizers())
 
 
 def _check_opt(opt: str) -> str | None:
     """None if timm's create_optimizer_v2 accepts `opt`, else why not."""
     *prefix, name = opt.lower().split("_")
-    known = _timm_optimizers()
     if prefix not in ([], ["lookahead"]):
         return "the only prefix timm accepts is `lookahead_`"
+    if name in _COMMON_OPTIMIZERS:
+        return None
+    known = _timm_optimizers()
     if name in known:
         return None
     close = difflib.get_close_matches(name, sorted(known), n=1)

@@ -15,6 +15,7 @@ from catchup.compile import PaddedEval, is_compiled
 from catchup.errors import CatchupError
 from catchup.mix import Mixer
 from catchup.robustness import classification_metrics, evaluate_logits
+from catchup.stopping import Stopped
 
 
 @dataclass
@@ -24,6 +25,12 @@ class TrainProgress:
     step_in_epoch: int = 0        # optimizer steps already done in this epoch
     global_step: int = 0          # optimizer steps since the start
     history: list = field(default_factory=list)   # per-epoch summary rows
+    # the current epoch's running statistics up to the last checkpoint, so a resumed epoch reports all its steps:
+    # loss_sum (mean over processes), micro (batches), seen (images per process), seconds, layers {layer: batches}
+    epoch_stats: dict = field(default_factory=dict)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.epoch_stats = self.epoch + 1, 0, {}
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +57,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
                     accelerator: Accelerator, progress: TrainProgress, options: StepOptions,
                     ema: nn.Module | None = None, log: Callable[[dict, int], None] | None = None,
                     checkpoint: Callable[[], None] | None = None, batches_per_epoch: int | None = None,
-                    tracker=None) -> tuple[dict[str, float], bool]:
+                    tracker=None, stop=None) -> tuple[dict[str, float], bool]:
     """Train until the loader is exhausted (or ``max_steps``); returns the epoch's mean loss and throughput,
     and whether ``max_steps`` stopped it before the end of the loader.
 
@@ -58,14 +65,37 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
     also steps after the last, partial accumulation.
 
     The loss is checked for NaN/Inf without a per-step host sync: a device flag is read at each log step and
-    before every checkpoint, so a non-finite loss stops the run before it can be saved.
+    before every checkpoint, so a non-finite loss stops the run before it can be saved. ``stop`` (a
+    catchup.stopping.StopOnSignal) is asked at each step boundary; when it requests a stop, a checkpoint is
+    written and ``Stopped`` raised.
     """
     model.train()
     device = accelerator.device
-    total_loss = torch.zeros((), device=device)
+    stats = progress.epoch_stats
+    for key in ("loss_sum", "micro", "seen", "seconds"):
+        stats.setdefault(key, 0)
+    layer_counts: dict[int, int] = stats.setdefault("layers", {})
+    total_loss = torch.zeros((), device=device)     # since the last fold into ``stats``
     bad = torch.zeros((), dtype=torch.bool, device=device)
     seen, micro, start = 0, 0, time.perf_counter()
-    layer_counts: dict[int, int] = {}
+
+    def fold() -> None:
+        """Move the running sums into the checkpointed ``progress.epoch_stats`` (one host sync)."""
+        nonlocal seen, micro, start
+        now = time.perf_counter()
+        stats["loss_sum"] += float(accelerator.reduce(total_loss.clone(), "mean").item())
+        stats["micro"] += micro
+        stats["seen"] += seen
+        stats["seconds"] += now - start
+        total_loss.zero_()
+        seen, micro, start = 0, 0, now
+
+    def save() -> None:
+        _check_finite(bad, progress)
+        fold()
+        if checkpoint is not None:
+            checkpoint()
+
     total = batches_per_epoch or len(loader)
     stopped = False
     bar = tqdm(total=math.ceil(total / accelerator.gradient_accumulation_steps), initial=progress.step_in_epoch,
@@ -118,19 +148,23 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
                      "train/images_per_s": seen * accelerator.num_processes / max(elapsed, 1e-9),
                      "mix/layer": layer, "mix/lam_eff": plan.lam_eff if plan is not None else 1.0},
                     progress.global_step)
+        if stop is not None and stop.requested(progress.global_step):
+            save()
+            bar.close()
+            raise Stopped(stop.message(progress.global_step))
         if checkpoint is not None and options.checkpoint_every_steps and \
                 progress.global_step % options.checkpoint_every_steps == 0:
-            _check_finite(bad, progress)
-            checkpoint()
+            save()
         if options.max_steps and progress.global_step >= options.max_steps:
             stopped = not accelerator.gradient_state.end_of_dataloader
             break
     bar.close()
     _check_finite(bad, progress)
-    elapsed = time.perf_counter() - start
-    steps = max(micro, 1)
-    result = {"train_loss": float(accelerator.reduce(total_loss, "mean").item()) / steps,
-              "images_per_s": seen * accelerator.num_processes / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+    fold()
+    steps = max(stats["micro"], 1)
+    elapsed = stats["seconds"]
+    result = {"train_loss": stats["loss_sum"] / steps,
+              "images_per_s": stats["seen"] * accelerator.num_processes / max(elapsed, 1e-9), "epoch_time_s": elapsed}
     for layer, count in sorted(layer_counts.items()):
         result[f"mix_layer_share/{layer}"] = count / steps
     return result, stopped

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from catchup.config import TrainConfig, load_config
 from catchup.data import DataInfo, build_datasets
 from catchup.data.augment import Augment
 from catchup.errors import CatchupError
+from catchup.rundir import CHECKPOINTS, checkpoint_dir, latest_checkpoint, staging_dir  # noqa: F401  (re-exported)
 
-CHECKPOINTS = "checkpoints"
 WEIGHTS = {"final": "model.safetensors", "ema": "model_ema.safetensors"}
 
 
@@ -51,33 +50,6 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise CatchupError(f"model {cfg.model!r} does not accept these model_kwargs: {err}") from None
 
 
-def prepare_output(output: str | Path, *, resume: bool, overwrite: bool) -> Path:
-    """Refuse to start a new run over an existing one unless asked; ``--overwrite`` moves the old run aside."""
-    out = Path(output)
-    holds_run = (out / "config.yaml").exists() or (out / CHECKPOINTS).exists()
-    if resume:
-        if not holds_run:
-            raise CatchupError(f"--resume: {out} holds no run to resume")
-        return out
-    if holds_run:
-        if not overwrite:
-            raise CatchupError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
-                               "over (the old run is moved aside), or choose another --output")
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"moved the previous run to {aside}")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def checkpoint_dir(output: Path, step: int) -> Path:
-    return output / CHECKPOINTS / f"step_{step:08d}"
-
-
-def staging_dir(output: Path, step: int) -> Path:
-    return output / CHECKPOINTS / f".incomplete-step_{step:08d}"
-
-
 def publish_checkpoint(output: Path, step: int, keep: int) -> Path:
     """Rename a fully written staging folder into place, point ``latest`` at it, drop the oldest ones.
 
@@ -95,25 +67,6 @@ def publish_checkpoint(output: Path, step: int, keep: int) -> Path:
     for stale in (output / CHECKPOINTS).glob(".incomplete-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    pointer = output / CHECKPOINTS / "latest"
-    if not pointer.exists():
-        return None
-    path = output / CHECKPOINTS / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def resolve_resume(output: Path, resume: str | bool) -> Path:
-    """``--resume`` (latest in output) or ``--resume PATH`` (a checkpoint folder) -> checkpoint folder."""
-    path = latest_checkpoint(output) if resume is True else Path(resume)
-    if path is None or not path.is_dir():
-        raise CatchupError(f"no checkpoint to resume from in {output / CHECKPOINTS}" if resume is True
-                           else f"--resume: {resume} is not a checkpoint folder")
-    if not (path / "custom_checkpoint_0.pkl").exists():
-        raise CatchupError(f"--resume: {path} is not a complete catchup checkpoint")
-    return path
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

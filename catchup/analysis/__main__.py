@@ -13,19 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-import torch
-from matplotlib.figure import Figure
-from torch import nn
-
-from catchup.analysis.activations import activation_figure, default_stage, pick_images
-from catchup.analysis.filters import load_filter_norms, plot_norm_vs_grad
-from catchup.analysis.landscape import DIRECTIONS, landscape, plot_landscapes, plot_surfaces
-from catchup.data import build_datasets
+from catchup.cli import run_cli
 from catchup.errors import CatchupError
-from catchup.runs import LoadedRun, load_run
+from catchup.rundir import check_writable
+
+# torch and the plotting stack load after the arguments are checked, so a mistake is reported in a second
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from catchup.runs import LoadedRun
+
+DIRECTIONS = ("hessian", "random")     # as in catchup.analysis.landscape, which refuses any other
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.add_argument("--run", required=True, action="append" if many else "store",
                        help="run folder written by train.py" + (" (repeat to compare runs)" if many else ""))
         p.add_argument("--weights", choices=("final", "ema"), default="final")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
         p.add_argument("--data-dir", default=None, help="override the recipe's data_dir")
         p.add_argument("--output", default=None, help="output folder (default: <run>/analysis)")
         p.add_argument("--seed", type=int, default=0, help="which images/batches and random vectors")
@@ -75,6 +75,51 @@ def _output_dir(args: argparse.Namespace, run: str | Path) -> Path:
     return out
 
 
+_AT_LEAST = {"images": 1, "topk": 1, "batches": 1, "batch_size": 1, "steps": 1, "iters": 1}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument mistake, before torch loads and before any model runs."""
+    for name, low in (*_AT_LEAST.items(), *((("steps", 2),) if args.command == "landscape" else ())):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise CatchupError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("span", "tol"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise CatchupError(f"--{'range' if name == 'span' else name} must be > 0, got {value}")
+    if args.command == "filters":
+        for path in args.npz:
+            if not Path(path).is_file():
+                raise CatchupError(f"no such filter-norm file: {path}")
+        check_writable(Path(args.output) if args.output else Path(args.npz[0]).parent)
+        return
+    runs = args.run if isinstance(args.run, list) else [args.run]
+    for run in runs:
+        if not Path(run).is_dir():
+            raise CatchupError(f"no such run folder: {run}")
+    check_writable(Path(args.output) if args.output else Path(runs[0]) / "analysis")
+    args.device = _device(args.device)
+
+
+def _device(name: str | None) -> str:
+    import torch
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CatchupError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CatchupError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                           "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CatchupError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CatchupError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path)
     print(f"wrote {path}")
@@ -82,6 +127,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def cmd_activations(args: argparse.Namespace) -> None:
+    from catchup.analysis.activations import activation_figure, default_stage, pick_images
+    from catchup.data import build_datasets
+    from catchup.runs import load_run
     run = load_run(args.run, args.weights, args.device, args.data_dir)
     _, eval_set, info = build_datasets(run.cfg.dataset, run.cfg.data_dir, input_size=run.cfg.input_size,
                                        train_transform=False)
@@ -92,8 +140,8 @@ def cmd_activations(args: argparse.Namespace) -> None:
 
 
 def _landscape_batches(run: LoadedRun, count: int, batch_size: int, seed: int) -> list[tuple]:
-    if count < 1 or batch_size < 1:
-        raise CatchupError(f"--batches and --batch-size must be >= 1, got {count} and {batch_size}")
+    from catchup.analysis.activations import pick_images
+    from catchup.data import build_datasets
     train_set, _, _ = build_datasets(run.cfg.dataset, run.cfg.data_dir, input_size=run.cfg.input_size,
                                      train_transform=False)
     x, y = pick_images(train_set, min(count * batch_size, len(train_set)), seed)
@@ -106,6 +154,11 @@ def _labels(runs: Sequence[str]) -> list[str]:
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
+    import numpy as np
+    from torch import nn
+
+    from catchup.analysis.landscape import landscape, plot_landscapes, plot_surfaces
+    from catchup.runs import load_run
     results: dict[str, dict[str, np.ndarray]] = {}
     loss_fn = nn.CrossEntropyLoss()
     for label, run_dir in zip(_labels(args.run), args.run):
@@ -131,6 +184,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 
 
 def cmd_filters(args: argparse.Namespace) -> None:
+    from catchup.analysis.filters import load_filter_norms, plot_norm_vs_grad
     labels = args.labels or _labels([str(Path(p).parent) for p in args.npz])
     if len(labels) != len(args.npz):
         raise CatchupError(f"--labels gives {len(labels)} names for {len(args.npz)} --npz files")
@@ -144,6 +198,7 @@ def cmd_filters(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         {"activations": cmd_activations, "landscape": cmd_landscape, "filters": cmd_filters}[args.command](args)
     except CatchupError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -152,4 +207,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(lambda: sys.exit(main()))

@@ -41,6 +41,7 @@ average cost is below what the machine can resolve.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -224,10 +225,19 @@ def load_filter_norms(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray
     """A tracker ``.npz`` as {stage: {"steps": [T], "act_norm": [T, C], "grad_norm": [T, C]}}."""
     if not Path(path).exists():
         raise CatchupError(f"no such filter-norm file: {path}")
-    with np.load(path) as data:
-        if "stages" not in data:
-            raise CatchupError(f"{path} is not a filter-norm file (no 'stages' entry)")
-        return {str(n): {k: data[f"{n}/{k}"] for k in ("steps", "act_norm", "grad_norm")} for n in data["stages"]}
+    if not zipfile.is_zipfile(path):
+        raise CatchupError(f"{path} is not an .npz file (a zip archive of arrays written by FilterNormTracker.save)")
+    try:
+        with np.load(path) as data:
+            if not hasattr(data, "files") or "stages" not in data:
+                raise CatchupError(f"{path} is not a filter-norm file (no 'stages' entry)")
+            return {str(n): {k: data[f"{n}/{k}"] for k in ("steps", "act_norm", "grad_norm")}
+                    for n in data["stages"]}
+    except CatchupError:
+        raise
+    except Exception as err:  # numpy raises ValueError, OSError, zipfile and pickle errors for files it cannot read
+        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CatchupError(f"cannot read {path} as a filter-norm .npz file ({detail})") from None
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""Bad inputs to train.py, evaluate.py and `python -m catchup.analysis`, each in its own process, as a user meets
+them: a non-zero exit, exactly one `error:` line naming the problem, no traceback, and every run folder the
+command was pointed at byte-identical afterwards."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = "configs/quickstart.yaml"
+TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-size", "32", "--epochs", "1",
+        "--wandb-mode", "disabled", "--workers", "0", "--log-every", "2"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory, one_thread) -> dict[str, Path]:
+    """One finished tiny run, and copies of it damaged in the ways the table needs."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    run = root / "run"
+    run_train(run, "--epochs", "1")
+    ckpt = run / "checkpoints" / "step_00000011"
+    p = {"root": root, "run": run, "ckpt": ckpt}
+
+    def copy(name: str) -> Path:
+        shutil.copytree(run, root / name)
+        return root / name
+
+    p["torn_model"] = copy("torn_model")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (p["torn_model"] / "checkpoints/step_00000011/model.safetensors").write_bytes(data[: len(data) // 2])
+    p["zero_opt"] = copy("zero_opt")
+    size = (ckpt / "optimizer.bin").stat().st_size
+    (p["zero_opt"] / "checkpoints/step_00000011/optimizer.bin").write_bytes(bytes(size))
+    p["torn_custom"] = copy("torn_custom")
+    data = (ckpt / "custom_checkpoint_0.pkl").read_bytes()
+    (p["torn_custom"] / "checkpoints/step_00000011/custom_checkpoint_0.pkl").write_bytes(data[:40])
+    p["torn_weights"] = copy("torn_weights")                 # the final weights evaluate.py reads
+    data = (run / "model.safetensors").read_bytes()
+    (p["torn_weights"] / "model.safetensors").write_bytes(data[:100])
+    p["latin1"] = copy("latin1")                             # a run whose config.yaml is not UTF-8
+    text = (run / "config.yaml").read_text()
+    (p["latin1"] / "config.yaml").write_bytes(text.replace("# resolved", "# r\xe9solu").encode("latin-1"))
+    p["died"] = root / "died"                                # stopped before its first checkpoint
+    p["died"].mkdir()
+    for name in ("config.yaml", "data_info.json"):
+        shutil.copy(run / name, p["died"] / name)
+    p["empty"] = root / "empty"
+    p["empty"].mkdir()
+    p["file"] = root / "a_file"
+    p["file"].write_text("not a folder\n")
+    p["latin1_recipe"] = root / "latin1.yaml"
+    p["latin1_recipe"].write_bytes("# r\xe9glages\nlr: 0.1\n".encode("latin-1"))
+    p["list_recipe"] = root / "list.yaml"
+    p["list_recipe"].write_text("- lr: 0.1\n")
+    p["broken_recipe"] = root / "broken.yaml"
+    p["broken_recipe"].write_text("lr: [0.1\n")
+    p["garbage_npz"] = root / "garbage.npz"
+    p["garbage_npz"].write_bytes(b"PK\x03\x04 but nothing after")
+    p["plain_npz"] = root / "plain.npz"
+    np.savez(p["plain_npz"], x=np.zeros(3))
+    p["images"] = _image_folder(root / "images")
+    return p
+
+
+def _image_folder(root: Path) -> Path:
+    """An ImageNet-style folder with one corrupt JPEG among good ones."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG")
+    (root / "train" / "n02" / "2.JPEG").write_bytes(b"\xff\xd8 this is no image")
+    return root
+
+
+def train(*args):
+    return ("train.py", ["--config", QUICK, *TINY, *args])
+
+
+def resume(key: str, *args):
+    return lambda p: train("--output", p[key], "--resume", *args)
+
+
+UNWRITABLE = "/sys/catchup-output"      # sysfs takes no new files, not even from root
+IMAGENET = ["--config", "configs/imagenet/resnet50_catchup_300ep.yaml", "--input-size", "32", "--batch-size", "4",
+            "--eval-batch-size", "4", "--max-steps", "2", "--wandb-mode", "disabled"]
+
+# (id, command builder given the fixture's paths, what the error line must contain, folders that must not change)
+CASES = [
+    # train.py: the recipe
+    ("recipe-missing", lambda p: train("--config", p["root"] / "nope.yaml"), "recipe file not found", ()),
+    ("recipe-is-a-folder", lambda p: ("train.py", ["--config", p["root"]]), "recipe file not found", ()),
+    ("recipe-not-utf8", lambda p: ("train.py", ["--config", p["latin1_recipe"]]), "not UTF-8", ()),
+    ("recipe-a-list", lambda p: ("train.py", ["--config", p["list_recipe"]]), "must be a mapping", ()),
+    ("recipe-broken-yaml", lambda p: ("train.py", ["--config", p["broken_recipe"]]), "cannot parse recipe", ()),
+    ("unknown-key", lambda p: train("--learning-rate", "0.1"), "did you mean 'lr'", ()),
+    ("wrong-type", lambda p: train("--epochs", "two"), "'epochs' expects an int", ()),
+    ("out-of-range", lambda p: train("--epochs", "0"), "must be >= 1", ()),
+    ("bad-choice", lambda p: train("--wandb-mode", "sometimes"), "must be one of", ()),
+    ("milestone-after-end", lambda p: train("--sched", "multistep", "--decay-milestones", "[5]"),
+     "must all be < epochs", ()),
+    ("unknown-optimizer", lambda p: train("--opt", "adamx"), "not a timm optimizer", ()),
+    ("stray-argument", lambda p: train("stray"), "unexpected command-line argument", ()),
+    # train.py: the output folder
+    ("output-under-a-file", lambda p: train("--output", p["file"] / "run"), "is a file, not a folder", ()),
+    ("output-not-writable", lambda p: train("--output", UNWRITABLE), "cannot write the output folder", ()),
+    ("rerun-over-a-run", lambda p: train("--output", p["run"]), "already holds a run", ("run",)),
+    ("rerun-over-a-run-that-died", lambda p: train("--output", p["died"]), "--overwrite", ("died",)),
+    ("resume-and-overwrite", resume("run", "--overwrite"), "pass one of them", ("run",)),
+    ("resume-nothing", resume("empty"), "holds no run to resume", ("empty",)),
+    ("resume-a-run-that-died", resume("died"), "--overwrite", ("died",)),
+    ("resume-path-missing", lambda p: train("--output", p["run"], "--resume", p["root"] / "nope"),
+     "not a checkpoint folder", ("run",)),
+    # train.py: resume with a different recipe
+    ("resume-lr", resume("run", "--lr", "1e6"), "lr (run 0.1, now 1000000.0)", ("run",)),
+    ("resume-mix", resume("run", "--mix", "mixup"), "mix (run 'catchup', now 'mixup')", ("run",)),
+    ("resume-batch-size", resume("run", "--batch-size", "16"), "batch_size (run 32, now 16)", ("run",)),
+    ("resume-seed", resume("run", "--seed", "5"), "seed (run 0, now 5)", ("run",)),
+    ("resume-dataset", resume("run", "--dataset", "fashion_mnist"), "dataset (run 'digits'", ("run",)),
+    ("resume-model", resume("run", "--model-kwargs", "{width: 8}"), "model_kwargs", ("run",)),
+    ("resume-two-keys", resume("run", "--smoothing", "0.1", "--mix-prob", "0.5"), "smoothing (run 0.0, now 0.1), "
+     "mix_prob (run 1.0, now 0.5)", ("run",)),
+    # train.py: damaged checkpoints and a model that does not fit
+    ("resume-torn-model", resume("torn_model"), "step_00000011/model.safetensors cannot be read", ("torn_model",)),
+    ("resume-zeroed-optimizer", resume("zero_opt"), "step_00000011/optimizer.bin cannot be read", ("zero_opt",)),
+    ("resume-torn-custom-state", resume("torn_custom"), "step_00000011/custom_checkpoint_0.pkl cannot be read",
+     ("torn_custom",)),
+    ("resume-other-model", lambda p: train("--output", p["root"] / "wider", "--resume", p["ckpt"],
+                                           "--model-kwargs", "{width: 8}"), "does not fit the model", ("run",)),
+    # train.py: data and environment
+    ("corrupt-image-in-worker", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["images"], "--workers", "1",
+                                                        "--output", p["root"] / "img1"]), "2.JPEG", ()),
+    ("corrupt-image-in-process", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["images"], "--workers", "0",
+                                                         "--output", p["root"] / "img0"]), "2.JPEG", ()),
+    ("dataset-missing", lambda p: train("--dataset", "cifar10", "--data-dir", p["root"] / "none",
+                                        "--output", p["root"] / "c10"), "cifar", ()),
+    ("unknown-mixer", lambda p: train("--mix", "catchupp", "--output", p["root"] / "mx"), "unknown mixing method",
+     ()),
+    ("bad-stop-signal", lambda p: ("env", ["CATCHUP_STOP_SIGNALS=SIGFOO", sys.executable, "train.py", "--config",
+                                           QUICK, *TINY, "--output", p["root"] / "sig"]), "SIGFOO", ()),
+    # evaluate.py
+    ("eval-missing-run", lambda p: ("evaluate.py", ["--run", p["root"] / "nope"]), "no such run folder", ()),
+    ("eval-output-under-a-file", lambda p: ("evaluate.py", ["--run", p["run"], "--output", p["file"] / "r"]),
+     "is a file, not a folder", ("run",)),
+    ("eval-output-not-writable", lambda p: ("evaluate.py", ["--run", p["run"], "--output", UNWRITABLE]),
+     "cannot write the report folder", ("run",)),
+    ("eval-unknown-suite", lambda p: ("evaluate.py", ["--run", p["run"], "--suite", "bogus"]), "unknown suite",
+     ("run",)),
+    ("eval-eps-out-of-range", lambda p: ("evaluate.py", ["--run", p["run"], "--fgsm-eps", "2"]),
+     "outside [0, 1]", ("run",)),
+    ("eval-no-ema", lambda p: ("evaluate.py", ["--run", p["run"], "--weights", "ema"]), "no EMA weights",
+     ("run",)),
+    ("eval-config-not-utf8", lambda p: ("evaluate.py", ["--run", p["latin1"]]), "not UTF-8", ("latin1",)),
+    ("eval-torn-weights", lambda p: ("evaluate.py", ["--run", p["torn_weights"]]), "cannot read weights",
+     ("torn_weights",)),
+    ("eval-two-runs-one-output", lambda p: ("evaluate.py", [p["run"], p["latin1"]]), "pass --output",
+     ("run", "latin1")),
+    ("eval-batch-size-0", lambda p: ("evaluate.py", ["--run", p["run"], "--batch-size", "0"]), "--batch-size",
+     ("run",)),
+    ("eval-corruption-without-data", lambda p: ("evaluate.py", ["--run", p["run"], "--suite", "corruption"]),
+     "--corruption-dir", ("run",)),
+    # python -m catchup.analysis
+    ("analysis-garbage-npz", lambda p: ("-m", ["filters", "--npz", p["garbage_npz"]]), "is not an .npz file", ()),
+    ("analysis-npz-without-stages", lambda p: ("-m", ["filters", "--npz", p["plain_npz"]]), "no 'stages' entry",
+     ()),
+    ("analysis-missing-npz", lambda p: ("-m", ["filters", "--npz", p["root"] / "nope.npz"]), "no such filter-norm",
+     ()),
+    ("analysis-steps-0", lambda p: ("-m", ["filters", "--npz", p["plain_npz"], "--steps", "0"]), "--steps", ()),
+    ("analysis-topk-0", lambda p: ("-m", ["activations", "--run", p["run"], "--topk", "0"]), "--topk", ("run",)),
+    ("analysis-images-0", lambda p: ("-m", ["activations", "--run", p["run"], "--images", "0"]), "--images",
+     ("run",)),
+    ("analysis-landscape-steps-1", lambda p: ("-m", ["landscape", "--run", p["run"], "--steps", "1"]),
+     "--steps must be >= 2", ("run",)),
+    ("analysis-range-0", lambda p: ("-m", ["landscape", "--run", p["run"], "--range", "0"]), "--range", ("run",)),
+    ("analysis-missing-run", lambda p: ("-m", ["activations", "--run", p["root"] / "nope"]), "no such run folder",
+     ()),
+    ("analysis-output-under-a-file", lambda p: ("-m", ["activations", "--run", p["run"], "--output",
+                                                       p["file"] / "x"]), "is a file, not a folder", ("run",)),
+    ("analysis-output-not-writable", lambda p: ("-m", ["activations", "--run", p["run"], "--output", UNWRITABLE]),
+     "cannot write the output folder", ("run",)),
+    ("analysis-device-not-here", lambda p: ("-m", ["activations", "--run", p["run"], "--device", "cuda:99"]),
+     "--device cuda:99", ("run",)),
+    ("analysis-device-unknown", lambda p: ("-m", ["activations", "--run", p["run"], "--device", "blah"]),
+     "not a device name", ("run",)),
+]
+
+
+def _command(kind: str, args: list) -> list[str]:
+    args = [str(a) for a in args]
+    if kind == "-m":
+        return [sys.executable, "-m", "catchup.analysis", *args]
+    if kind == "env":
+        return ["env", *args]
+    return [sys.executable, kind, *args]
+
+
+@pytest.mark.parametrize("build, message, untouched", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_error_line(place, build, message, untouched):
+    kind, args = build(place)
+    watched = [place[k] for k in untouched] + [place["run"]]
+    before = [snapshot(f) for f in watched]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(_command(kind, args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert [snapshot(f) for f in watched] == before
+
