@@ -22,9 +22,10 @@ HISTORY_MARK = "# resumed at step "
 # Keys that may differ on resume: how long the run goes on (the lr schedule is rebuilt for a new `epochs`), where
 # the data and workers come from, how often it is evaluated, logged and checkpointed, and W&B. None of them changes
 # what an optimizer step computes. Everything else is the run's identity and is refused.
+# torchcompile is here because compiled regions compute what the eager modules compute (tested bit for bit).
 RESUMABLE = ("epochs", "max_steps", "output", "data_dir", "download", "workers", "eval_batch_size", "eval_every",
-             "checkpoint_every_steps", "checkpoint_keep", "log_every", "wandb_mode", "wandb_project",
-             "wandb_entity", "wandb_name", "wandb_tags")
+             "checkpoint_every_steps", "checkpoint_keep", "log_every", "torchcompile", "wandb_mode", "wandb_project",
+             "wandb_entity", "wandb_name", "wandb_tags", "wandb_log_model")
 
 START_OVER = "start it over with --overwrite (the old run is moved aside) or choose another --output"
 
