@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +37,8 @@ from catchup.errors import CatchupError  # noqa: E402
 from catchup.mix import build_mixer  # noqa: E402
 
 TARGET_COMPILED_RATIO = 1.03   # compiled Catch-up Mix step vs compiled no-mixing step
+WHOLE_TRACED = "catchup compiled, whole model, hooks traced"
+WHOLE_BREAKS = "catchup compiled, whole model, hooks as graph breaks"
 MB = 2.0 ** 20
 
 
@@ -58,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration (the first compiles)")
     p.add_argument("--memory", action="store_true", help="also measure each step's peak memory")
+    p.add_argument("--whole-model", action="store_true",
+                   help="also time Catch-up Mix with the whole model compiled: hooks traced (one graph per layer), "
+                        "and hooks as graph breaks (slow to compile)")
     p.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -76,6 +82,24 @@ def check(args: argparse.Namespace) -> None:
         raise CatchupError("--device cuda: no CUDA device is available")
 
 
+def compile_whole(model: torch.nn.Module, backend: str, hooks_as_breaks: bool) -> None:
+    """The designs ``compile_regions`` was measured against: ``torch.compile`` of the whole model's forward with
+    the stage hooks traced into it (dynamo guards on the plan's layer: one graph per layer), or with each hook
+    wrapped in ``torch.compiler.disable`` (a graph break at every hooked module, nested breaks resumed)."""
+    if hooks_as_breaks:
+        torch._dynamo.config.nested_graph_breaks = True
+        for module in model.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                module._forward_hooks[key] = torch.compiler.disable(hook)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    func = type(model).forward
+    # A code object of its own: dynamo caches compiled code per code object and does not guard on module
+    # hooks, so the hook-less "none compiled" model's graph would otherwise be reused and skip the mixing.
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                             func.__closure__)
+    model.forward = types.MethodType(torch.compile(own, backend=backend, dynamic=False), model)
+
+
 def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
     """Step time (and peak memory) of none and catchup, eager and compiled; ratios against eager none."""
     device = torch.device(args.device)
@@ -91,12 +115,16 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
     # separates the cost of splitting the model into regions from the cost of the mixing itself.
     configs = [("none", False, "none eager"), ("none", True, "none compiled"), ("catchup", False, "catchup eager"),
                ("catchup", True, "catchup compiled"), ("catchup", True, "none compiled, catchup's regions")]
+    if getattr(args, "whole_model", False):   # gpu_check.py shares measure() without the flag
+        configs += [("catchup", "traced", WHOLE_TRACED), ("catchup", "breaks", WHOLE_BREAKS)]
     for method, compiled, name in configs:
         model = copy.deepcopy(base)
         mixer = build_mixer(method, model, num_classes=args.num_classes, seed=args.seed,
                             input_size=(3, args.input_size, args.input_size))
         mixer.enabled = not name.startswith("none")
-        if compiled:
+        if compiled in ("traced", "breaks"):
+            compile_whole(model, args.backend, hooks_as_breaks=compiled == "breaks")
+        elif compiled:
             compile_regions(model, args.backend)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         steps[name] = overhead.make_step(model, opt, mixer, x, y, args)
@@ -124,6 +152,7 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
     ref = rows["none eager"]
     for name, row in rows.items():
         row["ratio_to_eager_none"] = row["step_s"] / ref["step_s"]
+        row["cpu_ratio_to_eager_none"] = row["cpu_s"] / ref["cpu_s"]
         if memory:
             row["mem_ratio_to_eager_none"] = row["peak_mem_mb"] / ref["peak_mem_mb"]
     summary = {
@@ -132,6 +161,8 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
         "compiled_speedup_none": rows["none eager"]["step_s"] / rows["none compiled"]["step_s"],
         "compiled_speedup_catchup": rows["catchup eager"]["step_s"] / rows["catchup compiled"]["step_s"],
         "regions_cost": rows["none compiled, catchup's regions"]["step_s"] / rows["none compiled"]["step_s"],
+        **{f"{n} vs none compiled": rows[n]["step_s"] / rows["none compiled"]["step_s"]
+           for n in (WHOLE_TRACED, WHOLE_BREAKS) if n in rows},
         "graphs_compiled_after_warmup": graphs_after - graphs_before,
         "target_catchup_vs_none_compiled": TARGET_COMPILED_RATIO}
     if memory:
@@ -144,9 +175,10 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
 def report(result: dict[str, Any], meta: dict[str, Any]) -> str:
     rows, s = result["rows"], result["summary"]
     memory = "peak_mem_mb" in next(iter(rows.values()))
-    head = ["configuration", "step ms", "ratio to eager none", "first steps s (compile)"] + (
+    head = ["configuration", "step ms", "ratio to eager none", "CPU ms", "CPU ratio", "first steps s (compile)"] + (
         ["peak mem MB", "mem ratio"] if memory else [])
-    body = [[n, f"{r['step_s'] * 1e3:.1f}", f"{r['ratio_to_eager_none']:.3f}", f"{r['first_steps_s']:.1f}"]
+    body = [[n, f"{r['step_s'] * 1e3:.1f}", f"{r['ratio_to_eager_none']:.3f}", f"{r['cpu_s'] * 1e3:.1f}",
+             f"{r['cpu_ratio_to_eager_none']:.3f}", f"{r['first_steps_s']:.1f}"]
             + ([f"{r['peak_mem_mb']:.0f}", f"{r['mem_ratio_to_eager_none']:.3f}"] if memory else [])
             for n, r in rows.items()]
     verdict = "meets" if s["catchup_vs_none_compiled"] <= TARGET_COMPILED_RATIO else "MISSES"
@@ -159,7 +191,8 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> str:
         f"({verdict} <= {TARGET_COMPILED_RATIO}); compiled speed-up: none {s['compiled_speedup_none']:.2f}x, "
         f"catchup {s['compiled_speedup_catchup']:.2f}x; catchup's regions without mixing vs none compiled: "
         f"{s['regions_cost']:.3f}; graphs compiled after warm-up: "
-        f"{s['graphs_compiled_after_warmup']}"])
+        f"{s['graphs_compiled_after_warmup']}"
+        + "".join(f"; {k}: {v:.3f}" for k, v in s.items() if k.endswith("vs none compiled") and "catchup_" not in k)])
 
 
 def meta_of(args: argparse.Namespace, load_before) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from catchup.compile import PaddedEval, compile_regions, is_compiled, pad_batch,
 from catchup.mix import build_mixer
 from catchup.runs import load_run
 from tests.helpers import load_safetensors, run_train, train_step
+from tests.test_benchmarks import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REGIONS = ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "final", "global_pool", "fc"]
@@ -131,3 +132,32 @@ def test_compiled_and_eager_runs_resume_from_each_other(tmp_path):
     a, b = load_safetensors(straight / "model.safetensors"), load_safetensors(mixed / "model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def test_benchmarks_whole_model_design_mixes_and_compiles_once_per_layer():
+    """benchmarks/compile.py --whole-model: the hooks traced into one compiled forward. Dynamo does not guard on
+    module hooks, so a hook-less model of the same class compiled first must not lend it its graph."""
+    compile_bench = load("compile")
+    backend = CompileCounterWithBackend("eager")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    plain = tiny_model()
+    compile_bench.compile_whole(plain, backend, hooks_as_breaks=False)
+    plain(x)
+    assert backend.frame_count == 1
+    model = tiny_model()
+    eager = copy.deepcopy(model)
+    mixer = build_mixer("catchup", model, num_classes=10, input_size=(1, 8, 8), seed=3)
+    eager_mixer = build_mixer("catchup", eager, num_classes=10, input_size=(1, 8, 8), seed=3)
+    compile_bench.compile_whole(model, backend, hooks_as_breaks=False)
+    for rounds in range(2):
+        for layer in [None, 0, 1, 2, 3, 4, 5]:
+            for m in (mixer, eager_mixer):
+                force_layer(m, layer)
+            _, _, loss, _ = train_step(mixer, model, x, y)
+            _, _, eager_loss, _ = train_step(eager_mixer, eager, x, y)
+            assert torch.allclose(loss, eager_loss, atol=1e-5), layer    # the traced hook really mixed
+        # one graph for no mixing (input mixing happens outside the model) and one per feature layer, all
+        # compiled in the first round
+        assert backend.frame_count == 1 + 1 + 5
+    assert "_orig_mod" not in "".join(model.state_dict())
