@@ -1,4 +1,4 @@
-"""Shared test helpers: running train.py in-process and reading W&B offline run files."""
+"""Shared test helpers: a tiny staged model, running train.py in-process, reading W&B offline run files."""
 from __future__ import annotations
 
 import struct
@@ -6,9 +6,27 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-size", "32", "--epochs", "2",
         "--wandb-mode", "disabled", "--workers", "0", "--log-every", "2", "--eval-every", "1"]
+
+
+class TinyNet(nn.Module):
+    """Three conv stages with timm-style feature_info (no BatchNorm: a second forward gives the same features)."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.fc = nn.Linear(8, num_classes)
+        self.feature_info = [dict(module="a", num_chs=4, reduction=1), dict(module="b", num_chs=6, reduction=2),
+                             dict(module="c", num_chs=8, reduction=4)]
+
+    def forward(self, x):
+        return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
 
 
 def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml", tiny: bool = True) -> None:

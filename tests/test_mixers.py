@@ -9,22 +9,7 @@ from torch import nn
 from catchup import CatchupError, build_mixer
 from catchup.mix import MIXERS, moex
 from catchup.mix.plan import MixPlan
-
-
-class TinyNet(nn.Module):
-    """Three stages with timm-style feature_info."""
-
-    def __init__(self, num_classes=5):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.ReLU())
-        self.c = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, num_classes)
-        self.feature_info = [dict(module="a", num_chs=4, reduction=1), dict(module="b", num_chs=6, reduction=2),
-                             dict(module="c", num_chs=8, reduction=4)]
-
-    def forward(self, x):
-        return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
+from tests.helpers import TinyNet
 
 
 class SharedStageNet(TinyNet):

@@ -18,28 +18,12 @@ from torch import nn
 
 from catchup import CatchupError, build_mixer
 from catchup.mix import PlannedBatch
+from tests.helpers import TinyNet
 from tests.test_catchup_mix import reference_catchup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 5
-
-
-class TinyNet(nn.Module):
-    """Three conv stages with timm-style feature_info (no BatchNorm: a second forward gives the same features)."""
-
-    def __init__(self):
-        super().__init__()
-        self.num_classes = NUM_CLASSES
-        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.ReLU())
-        self.c = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, NUM_CLASSES)
-        self.feature_info = [dict(module="a", num_chs=4, reduction=1), dict(module="b", num_chs=6, reduction=2),
-                             dict(module="c", num_chs=8, reduction=4)]
-
-    def forward(self, x):
-        return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
 
 
 def mixup_args(**overrides):
