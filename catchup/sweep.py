@@ -132,7 +132,7 @@ class Sweep:
         self.stopping = False
         threads = max(1, args.threads // args.jobs)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                    "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1"}
 
     def train_command(self, point: Point, state: str) -> list[str]:
         cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(self.args.config),
@@ -211,7 +211,8 @@ def progress_line(count: int, total: int, point: Point, what: str, detail: str) 
     results = json.loads((point.run_dir / "results.json").read_text())
     numbers = ", ".join(f"{short} {results[key]:.2f}" for key, short in METRICS.items() if key in results)
     timing = _read_time(point.run_dir)
-    minutes = f", {timing['wall_s'] / 60:.1f} min" if timing and what != "skipped" else ""
+    minutes = (f", {timing['wall_s'] / 60:.1f} min ({timing['cpu_s'] / 60:.1f} CPU min)"
+               if timing and what != "skipped" else "")
     verb = {"skipped": "already done", "new": "done", "resume": "resumed, done", "restart": "restarted, done"}
     return f"{head} {verb[what]}: {numbers or 'no evaluation'}{minutes}"
 

@@ -123,3 +123,19 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
                              text=True, timeout=120)
     assert collect.returncode == 0, collect.stderr
     assert (out / "table.csv").read_text() == before
+
+
+def test_evaluate_adds_the_reports_numbers_to_the_table(tmp_path):
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "catchup.sweep", "--config", "configs/quickstart.yaml", "--grid", "seed=0",
+               "--output", str(out), "--threads", "1", "--evaluate", "--eval-suite", "clean,fgsm",
+               "--eval-args", "--batch-size 90", *TINY, "--epochs", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "runs" / "seed=0" / "eval" / "report.json").read_text())["results"][0]
+    with (out / "table.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["ece_mean"]) == pytest.approx(report["clean"]["ece"], abs=1e-9)
+    assert float(row["fgsm_err_4/255_mean"]) == pytest.approx(report["fgsm"]["4/255"]["error"], abs=1e-9)
+    assert "fgsm_err_4/255" in (out / "table.md").read_text()
