@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -133,6 +134,10 @@ class Sweep:
         threads = max(1, args.threads // args.jobs)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "PYTHONUNBUFFERED": "1"}
+        # one device per job slot (devices repeat when there are more jobs than devices)
+        self.devices: queue.Queue[str] = queue.Queue()
+        for slot in range(args.jobs if args.gpus else 0):
+            self.devices.put(args.gpus[slot % len(args.gpus)])
 
     def train_command(self, point: Point, state: str) -> list[str]:
         cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(self.args.config),
@@ -149,17 +154,23 @@ class Sweep:
         with log.open("a") as out:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
+            device = self.devices.get() if self.args.gpus else None
+            env = self.env if device is None else {**self.env, "CUDA_VISIBLE_DEVICES": device}
             start = time.perf_counter()
-            with self.lock:
-                if self.stopping:
-                    return 130, 0.0, 0.0
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
-                self.children.add(proc)
-            # wait4 rather than Popen.wait: it also reports the child's CPU time, unaffected by other jobs
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            with self.lock:
-                self.children.discard(proc)
+            try:
+                with self.lock:
+                    if self.stopping:
+                        return 130, 0.0, 0.0
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                    self.children.add(proc)
+                # wait4 rather than Popen.wait: it also reports the child's CPU time, unaffected by other jobs
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                with self.lock:
+                    self.children.discard(proc)
+            finally:
+                if device is not None:
+                    self.devices.put(device)
         return proc.returncode, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
     def run_point(self, point: Point) -> tuple[Point, str, str]:
@@ -240,6 +251,8 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared among the jobs (each gets threads // jobs)")
+    p.add_argument("--gpus", type=lambda t: [g.strip() for g in t.split(",") if g.strip()], default=[],
+                   help="comma-separated GPU ids; each job gets one as CUDA_VISIBLE_DEVICES (default: unchanged)")
     p.add_argument("--seed-key", default="seed", help="grid key averaged over in the table")
     p.add_argument("--evaluate", action="store_true",
                    help="also run evaluate.py on each run; its numbers join the table")

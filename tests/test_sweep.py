@@ -1,4 +1,5 @@
 """The sweep runner: grid parsing and ordering, and a real sweep that is interrupted, resumed and tabulated."""
+import argparse
 import csv
 import json
 import math
@@ -8,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from catchup.errors import CatchupError
-from catchup.sweep import grid_points, main, parse_grid, run_name, split_values
+from catchup.sweep import Sweep, grid_points, main, parse_grid, run_name, split_values
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-kwargs", "{width: 4}", "--batch-size", "32", "--epochs", "3", "--train-fraction", "0.25",
@@ -46,6 +48,18 @@ def test_unknown_recipe_keys_are_refused_before_anything_runs(tmp_path):
         main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
               "--lrr", "0.1"])
     assert not (tmp_path / "s").exists()
+
+
+def test_each_job_gets_its_own_gpu_and_its_share_of_threads(tmp_path):
+    sweep = Sweep(argparse.Namespace(output=tmp_path, threads=4, jobs=2, gpus=["3", "5"]), [], [])
+    show = [sys.executable, "-c", "import os, time; time.sleep(1); "
+                                  "print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'])"]
+    with ThreadPoolExecutor(2) as pool:
+        codes = [c for c, _, _ in pool.map(lambda i: sweep.call(show, tmp_path / f"{i}.log"), range(2))]
+    assert codes == [0, 0]
+    seen = sorted((tmp_path / f"{i}.log").read_text().splitlines()[-1] for i in range(2))
+    assert seen == ["3 2", "5 2"]
+    assert sorted(sweep.devices.queue) == ["3", "5"]
 
 
 def _sweep_command(out: Path, jobs: int) -> list[str]:
