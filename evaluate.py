@@ -40,6 +40,11 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the random deformations")
+    p.add_argument("--deform-draws", type=int, default=5,
+                   help="draws of the random rotations and shears; the report gives their mean and std")
+    p.add_argument("--deform-centre", choices=("true", "keras"), default="true",
+                   help="centre of the deformations: the true image centre, or keras (torchsample's size/2 + 0.5, "
+                        "as in the Manifold Mixup protocol)")
     p.add_argument("--wandb", action="store_true", help="also log to each run's W&B run (keys eval/...)")
     args = p.parse_args(argv)
     args.run = args.runs + args.run
@@ -52,8 +57,8 @@ def _check_args(args) -> Path:
     """Input errors are found before any model runs; returns the report folder."""
     if len(args.run) > 1 and args.output is None:
         raise CatchupError("several runs give one combined report: pass --output DIR")
-    if args.batch_size < 1 or args.workers < 0:
-        raise CatchupError("--batch-size must be >= 1 and --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.deform_draws < 1:
+        raise CatchupError("--batch-size and --deform-draws must be >= 1 and --workers >= 0")
     out = (args.output if args.output is not None else args.run[0] / "eval").resolve()
     for folder in (out, *out.parents):
         if (folder / "config.yaml").exists() and folder / "eval" not in (out, *out.parents):
@@ -79,7 +84,8 @@ def main(argv=None) -> Path:
 
     options = EvalOptions(suites=suites, fgsm_eps=eps, corruption_dir=args.corruption_dir,
                           ood_dirs=tuple(args.ood_dir), ood_classes=args.ood_classes, batch_size=args.batch_size,
-                          workers=args.workers, seed=args.seed)
+                          workers=args.workers, seed=args.seed, deform_draws=args.deform_draws,
+                          deform_centre=args.deform_centre)
     weights = ("final", "ema") if args.weights == "both" else (args.weights,)
     runs = [open_run(d, args.data_dir) for d in args.run]
     # every model and test set is opened up front, so a bad file stops the script before hours of work
@@ -101,7 +107,8 @@ def main(argv=None) -> Path:
                     "fgsm_eps": dict(options.fgsm_eps) if "fgsm" in suites else {},
                     "corruption_dir": str(args.corruption_dir) if args.corruption_dir else None,
                     "ood_dirs": [str(d) for d in args.ood_dir], "ood_classes": str(args.ood_classes or "") or None,
-                    "seed": args.seed, "batch_size": args.batch_size, "num_processes": accelerator.num_processes,
+                    "seed": args.seed, "deform_draws": args.deform_draws, "deform_centre": args.deform_centre,
+                    "batch_size": args.batch_size, "num_processes": accelerator.num_processes,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - started, 1)}
             plots = write_report(results, meta, out_dir)
             _print_summary([r.numbers for r in results], list(meta["fgsm_eps"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import pickle
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -49,6 +50,8 @@ class EvalOptions:
     workers: int = 0
     seed: int = 0
     reliance_steps: int = 20
+    deform_draws: int = 5  # independent draws of the random rotations and shears (mean and std reported)
+    deform_centre: str = "true"  # "true" image centre or "keras" (torchsample's size/2 + 0.5)
 
 
 @dataclass
@@ -137,35 +140,42 @@ def fgsm_suite(model: nn.Module, loader: Iterable, info: DataInfo, eps: tuple[tu
 
 
 def deformation_suite(model: nn.Module, run: RunData, options: EvalOptions, accelerator: Accelerator
-                      ) -> dict[str, float]:
-    """Top-1 accuracy (%) under each deformation of the battery.
+                      ) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """Top-1 accuracy (%) under each deformation of the battery: (mean, sample std, every draw) per name.
 
+    The random rotations and shears are drawn ``options.deform_draws`` times (the fixed zooms once, std 0).
     Each eval image gets its own matrix, drawn up front in dataset order from a seeded generator, so the
     numbers are the same whatever the number of processes and however the loader shards the set.
     """
-    out: dict[str, float] = {}
+    means, stds, draws = {}, {}, {}
     for k, name in enumerate(DEFORMATIONS):
-        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + k * 1009)
-        matrices = sample_matrices(DEFORMATIONS[name], len(run.eval_set), generator)
-        loader = _loader(_Deformed(run.eval_set, matrices), options, accelerator)
-        logits, targets = evaluate_logits(model, _bar(loader, accelerator, name), accelerator.device,
-                                          gather=accelerator.gather_for_metrics)
-        out[name] = _top1(logits, targets)
-    return out
+        spec = DEFORMATIONS[name]
+        values = []
+        for draw in range(1 if spec.kind == "zoom" else options.deform_draws):
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + k * 1009 + draw * 100_003)
+            matrices = sample_matrices(spec, len(run.eval_set), generator)
+            loader = _loader(_Deformed(run.eval_set, matrices, options.deform_centre), options, accelerator)
+            logits, targets = evaluate_logits(model, _bar(loader, accelerator, name), accelerator.device,
+                                              gather=accelerator.gather_for_metrics)
+            values.append(_top1(logits, targets))
+        means[name] = statistics.fmean(values)
+        stds[name] = statistics.stdev(values) if len(values) > 1 else 0.0
+        draws[name] = values
+    return means, stds, draws
 
 
 class _Deformed(Dataset):
     """An eval set whose item i is warped with matrices[i] (after normalisation: the fill is 0)."""
 
-    def __init__(self, dataset: Dataset, matrices: Tensor) -> None:
-        self.dataset, self.matrices = dataset, matrices
+    def __init__(self, dataset: Dataset, matrices: Tensor, centre: str = "true") -> None:
+        self.dataset, self.matrices, self.centre = dataset, matrices, centre
 
     def __len__(self) -> int:
         return len(self.matrices)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
         x, y = self.dataset[index]
-        return warp_batch(x[None], self.matrices[index:index + 1])[0], y
+        return warp_batch(x[None], self.matrices[index:index + 1], self.centre)[0], y
 
 
 class _Tagged(Dataset):
@@ -339,7 +349,8 @@ def evaluate_model(model: nn.Module, run: RunData, data: SuiteData, weights: str
         numbers["corruption"], result.corruption_errors = corruption_suite(model, data.corruption, options,
                                                                            accelerator)
     if "deformation" in options.suites:
-        numbers["deformation"] = deformation_suite(model, run, options, accelerator)
+        numbers["deformation"], numbers["deformation_std"], numbers["deformation_draws"] = deformation_suite(
+            model, run, options, accelerator)
     if "ood" in options.suites:
         numbers["ood"] = ood_suite(model, data, logits, targets, options, accelerator)
     if "reliance" in options.suites:

@@ -45,6 +45,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _mean_std(row: Row, suite: str, name: str) -> str | None:
+    mean, std = _get(row, suite, name), _get(row, f"{suite}_std", name)
+    if mean is None or std is None:
+        return mean
+    return f"{mean:.2f} ± {std:.2f}"
+
+
 def _table(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_fmt(get(r)) for _, get in columns) + " |" for r in rows]
@@ -130,9 +137,12 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path]) -> str:
             if "corruption" in r:
                 lines += _corruption_lines(r)
     if _any(rows, "deformation"):
-        cols = _id_columns() + [(spec.label, lambda r, n=n: _get(r, "deformation", n))
+        cols = _id_columns() + [(spec.label, lambda r, n=n: _mean_std(r, "deformation", n))
                                 for n, spec in DEFORMATIONS.items()]
-        lines += ["## Deformation top-1 accuracy", "", *_table([r for r in rows if "deformation" in r], cols), ""]
+        lines += ["## Deformation top-1 accuracy", "",
+                  f"Mean ± std over {meta.get('deform_draws', 1)} draws of the random rotations and shears "
+                  f"(the zooms are fixed); centre: {meta.get('deform_centre', 'true')}.", "",
+                  *_table([r for r in rows if "deformation" in r], cols), ""]
     if _any(rows, "ood"):
         items = [{"label": r["label"], "weights": r["weights"], "set": name, **m, "n_in": r["ood"]["n_in"]}
                  for r in rows if "ood" in r for name, m in r["ood"]["sets"].items()]

@@ -478,8 +478,25 @@ def test_puzzlemix_mixes_blockwise_and_weights_labels_by_the_mask():
         j = int(plan.index[i])
         if j != i:
             assert target[i, y[i]].item() == pytest.approx(own[i].item(), abs=1e-6)
-    with pytest.raises(CatchupError, match="divisible by 16"):
-        mixer.prepare(torch.randn(2, 3, 12, 12), torch.tensor([0, 1]))
+    with pytest.raises(CatchupError, match="square"):
+        mixer.prepare(torch.randn(2, 3, 16, 12), torch.tensor([0, 1]))
+
+
+def test_puzzlemix_pads_28_pixel_images_and_weights_labels_by_the_visible_pixels():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28) + 3 * torch.arange(4.0).view(4, 1, 1, 1)   # images differ at every pixel
+    saliency = torch.rand(4, 28, 28)
+    index = torch.tensor([1, 2, 3, 0])
+    partner = x[index]
+    for block_num in (2, 4, 8, 16):
+        mixed, own = puzzlemix(x, saliency, index, 0.5, block_num, transport=False, fill=(-0.8,), mean=(0.3,),
+                               std=(0.35,))
+        assert mixed.shape == x.shape
+        share = (mixed - partner) / (x - partner)          # each pixel's share of the sample's own image
+        assert torch.allclose(share, share.mul(2).round().div(2), atol=1e-5)   # 3 labels: 0, 1/2 or 1
+        assert torch.allclose(own, share.mean((1, 2, 3)), atol=1e-5)
+    mixed, own = puzzlemix(x, saliency, index, 0.5, 8, transport=True, fill=(-0.8,), mean=(0.3,), std=(0.35,))
+    assert mixed.shape == x.shape and torch.isfinite(mixed).all() and ((own >= 0) & (own <= 1)).all()
 
 
 # ---- every method ---------------------------------------------------------------------------------

@@ -121,6 +121,41 @@ def test_report_numbers_match_a_plain_recomputation(run_dir):
     assert "corruption skipped: no --corruption-dir given" in md
 
 
+def test_deformations_report_mean_and_std_over_draws(run_dir, tmp_path):
+    single = read_report(evaluate("--run", run_dir, "--suite", "deformation", "--deform-draws", "1",
+                                  "--output", tmp_path / "one", *FAST))["results"][0]
+    report = read_report(evaluate("--run", run_dir, "--suite", "deformation", "--deform-draws", "3",
+                                  "--output", tmp_path / "three", *FAST))
+    row = report["results"][0]
+    assert report["meta"]["deform_draws"] == 3 and report["meta"]["deform_centre"] == "true"
+    for name, draws in row["deformation_draws"].items():
+        assert len(draws) == (1 if name.startswith("zoom") else 3)
+        assert draws[0] == single["deformation"][name]     # the first draw is the one-draw run's
+        mean = sum(draws) / len(draws)
+        std = math.sqrt(sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)) if len(draws) > 1 else 0.0
+        assert row["deformation"][name] == pytest.approx(mean) and row["deformation_std"][name] == pytest.approx(std)
+    assert any(len(set(d)) > 1 for d in row["deformation_draws"].values())
+    md = (tmp_path / "three" / "report.md").read_text()
+    rotate = f"{row['deformation']['rotate_40']:.2f} ± {row['deformation_std']['rotate_40']:.2f}"
+    assert "over 3 draws" in md and rotate in md
+
+
+def test_keras_centre_deformation_matches_scipy_about_size_over_2_plus_half(run_dir, tmp_path):
+    from scipy import ndimage
+    row = read_report(evaluate("--run", run_dir, "--suite", "deformation", "--deform-centre", "keras",
+                               "--deform-draws", "1", "--output", tmp_path / "keras", *FAST))["results"][0]
+    model, x, y, _ = digits_eval(run_dir)
+    h, w = x.shape[-2:]
+    centre = np.array([h / 2 + 0.5, w / 2 + 0.5])
+    for name, zoom in (("zoom_60", 0.6), ("zoom_140", 1.4)):
+        m = np.eye(2) * zoom
+        warped = np.stack([[ndimage.affine_transform(ch, m, offset=centre - m @ centre, order=0, mode="grid-constant",
+                                                     cval=0.0) for ch in img] for img in x.double().numpy()])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(warped).float())
+        assert row["deformation"][name] == pytest.approx(float((logits.argmax(1) == y).double().mean() * 100))
+
+
 def test_deformations_are_seeded(run_dir, tmp_path):
     a = read_report(evaluate("--run", run_dir, "--suite", "deformation", "--output", tmp_path / "a", *FAST))
     b = read_report(evaluate("--run", run_dir, "--suite", "deformation", "--output", tmp_path / "b", *FAST))

@@ -245,6 +245,32 @@ def test_warp_matches_scipy_nearest(matrix):
     assert np.array_equal(got, expected)
 
 
+def test_keras_centre_rotation_matches_a_hand_example():
+    # torchsample turns about size/2 + 0.5 = (2.5, 2.5) on a 4x4 image: output (r, c) reads input
+    # (2.5 - (c - 2.5), 2.5 + (r - 2.5)) = (5 - c, r), so a quarter turn also shifts the image two columns right
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    expected = torch.tensor([[0.0, 0.0, 13.0, 9.0],
+                             [0.0, 0.0, 14.0, 10.0],
+                             [0.0, 0.0, 15.0, 11.0],
+                             [0.0, 0.0, 16.0, 12.0]])
+    assert torch.equal(warp_batch(x, rotation_matrices(torch.tensor([90.0])), centre="keras")[0, 0], expected)
+    assert torch.equal(warp_batch(x, rotation_matrices(torch.tensor([90.0])), centre="true"),
+                       torch.rot90(x, k=-1, dims=(2, 3)))
+    with pytest.raises(CatchupError, match="centre"):
+        warp_batch(x, rotation_matrices(torch.tensor([90.0])), centre="middle")
+
+
+@pytest.mark.parametrize("matrix", [rotation_matrices(torch.tensor([33.0])), zoom_matrices(1.4, 1),
+                                    shear_matrices(torch.tensor([-1.0]))])
+def test_keras_centre_matches_scipy_about_size_over_2_plus_half(matrix):
+    img = np.random.default_rng(1).uniform(1, 2, size=(9, 11))
+    m = matrix[0].numpy()
+    centre = np.array([9 / 2 + 0.5, 11 / 2 + 0.5])
+    expected = ndi.affine_transform(img, m, offset=centre - m @ centre, order=0, mode="grid-constant", cval=0.0)
+    got = warp_batch(torch.from_numpy(img)[None, None], matrix, centre="keras")[0, 0].numpy()
+    assert np.array_equal(got, expected)
+
+
 def test_deform_batch_seeded_and_bounded():
     x = torch.randn(5, 3, 12, 12)
     for name in DEFORMATIONS:

@@ -156,9 +156,21 @@ def transport_image(img: torch.Tensor, plan: torch.Tensor, block_num: int) -> to
 
 
 def puzzlemix(x: torch.Tensor, saliency: torch.Tensor, index: torch.Tensor, lam: float, block_num: int,
-              transport: bool = True, t_size: int = 4, t_eps: float = 0.8,
+              transport: bool = True, t_size: int = 4, t_eps: float = 0.8, fill: Sequence[float] | None = None,
               **mask_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Puzzle Mix of x with ``x[index]``: (mixed batch, label weight of each sample's own image [B])."""
+    """Puzzle Mix of x with ``x[index]``: (mixed batch, label weight of each sample's own image [B]).
+
+    A side that is not a multiple of 16 (28 px Fashion-MNIST) is padded with ``fill`` (per channel, default 0)
+    to the next multiple, mixed there and cropped back; the label weight counts only the visible pixels.
+    """
+    side = x.shape[-1]
+    extra = -side % 16
+    if extra:
+        before = extra // 2
+        pad = (before, extra - before) * 2
+        shift = x.new_tensor(fill if fill is not None else (0.0,) * x.shape[1]).view(1, -1, 1, 1)
+        x = F.pad(x - shift, pad) + shift
+        saliency = F.pad(saliency, pad)
     b, _, _, width = x.shape
     block = width // block_num
     mask = graphcut_mask(x, saliency, index, block_num, lam, **mask_kwargs)
@@ -173,14 +185,19 @@ def puzzlemix(x: torch.Tensor, saliency: torch.Tensor, index: torch.Tensor, lam:
         own = transport_image(own, mask_transport(mask, unary, t_eps), t_blocks)
         partner = transport_image(partner, mask_transport(1 - mask, unary[index], t_eps), t_blocks)
     mask = F.interpolate(mask, size=width).to(x.dtype)
-    return mask * own + (1 - mask) * partner, mask.reshape(b, -1).float().mean(-1)
+    mixed = mask * own + (1 - mask) * partner
+    if extra:
+        visible = (..., slice(before, before + side), slice(before, before + side))
+        mixed, mask = mixed[visible], mask[visible]
+    return mixed, mask.reshape(b, -1).float().mean(-1)
 
 
 class PuzzleMix(Mixer):
     """Puzzle Mix; options ``beta``, ``gamma``, ``eta``, ``neigh_size``, ``n_labels``, ``transport``, ``t_size``,
     ``t_eps`` (the official names) and ``mean``/``std`` (the input normalisation, for the smoothness term; by
-    default the model's timm ``pretrained_cfg``). Needs square inputs whose side is divisible by 16, and the
-    ``gco-wrapper`` package. Reads the live model: mix in the training loop, not in a collate_fn."""
+    default the model's timm ``pretrained_cfg``). Needs square inputs (sides that are not a multiple of 16 are
+    padded with black and cropped back, see ``puzzlemix``) and the ``gco-wrapper`` package. Reads the live
+    model: mix in the training loop, not in a collate_fn."""
     name = "puzzlemix"
     live_model = True
     default_alpha = 1.0
@@ -212,11 +229,13 @@ class PuzzleMix(Mixer):
         return MixPlan(0, lam, index, lam, {"block_num": block_num})
 
     def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-        if x.shape[-1] != x.shape[-2] or x.shape[-1] % 16:
-            raise CatchupError(f"puzzlemix needs square images with a side divisible by 16, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] != x.shape[-2]:
+            raise CatchupError(f"puzzlemix needs square images, got {tuple(x.shape[-2:])}")
         saliency = input_saliency(self.model, x, target)
+        # padding, where the side needs it, is black: pixel value 0 after normalisation
+        fill = [-m / s for m, s in zip(self.mean, self.std)]
         with torch.no_grad():
             x, own = puzzlemix(x, saliency, plan.index, plan.lam, plan.extras["block_num"], self.transport,
-                               self.t_size, self.t_eps, **self.mask_kwargs)
+                               self.t_size, self.t_eps, fill=fill, **self.mask_kwargs)
         plan.own_weight, plan.lam_eff = own, float(own.mean())
         return x

@@ -1,0 +1,305 @@
+"""Run a grid of train.py runs, a few at a time, and tabulate them (mean +- std over seeds).
+
+    python -m catchup.sweep --config configs/quickstart.yaml --grid mix=none,cutmix,catchup seed=0,1,2 \\
+        --output sweeps/qs --jobs 2 --epochs 20 --wandb-mode disabled
+    python -m catchup.sweep ... --collect           # the same command: only rebuild the table from the runs
+
+Every grid point is an ordinary run folder `<output>/runs/<key>=<value>_...` made by train.py, so it can be
+resumed, evaluated and loaded like any other run. Arguments the sweep does not know (`--epochs 20`) are recipe
+overrides applied to every run. Runs are ordered seed by seed, so a sweep cut short has every point's first
+seeds. Rerunning the command skips finished runs (results.json present), resumes a run that has a checkpoint
+and restarts one that stopped before its first. The table goes to `<output>/table.{csv,md,png}` and
+`<output>/runs.csv` (one row per run).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catchup.cli import run_cli
+from catchup.config import load_config
+from catchup.errors import CatchupError
+from catchup.runs import latest_checkpoint
+from catchup.sweep_table import METRICS, TIME_FILE, collect_runs, write_tables
+
+SCRIPTS = Path(__file__).resolve().parents[1]   # train.py and evaluate.py
+
+
+@dataclass
+class Point:
+    """One grid point: its overrides in grid order and its run folder."""
+    values: dict[str, str]
+    run_dir: Path
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.run_dir.name
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+def split_values(text: str) -> list[str]:
+    """`a,b,[1,2]` -> ['a', 'b', '[1,2]']: commas inside brackets or braces belong to the value."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    values.append(current)
+    if depth != 0 or any(not v.strip() for v in values):
+        raise CatchupError(f"cannot read the grid values {text!r}: expected a comma-separated list like a,b,c")
+    return [v.strip() for v in values]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """['mix=none,cutmix', 'seed=0,1'] -> {'mix': ['none', 'cutmix'], 'seed': ['0', '1']}."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise CatchupError(f"grid entries look like key=v1,v2,...; got {item!r}")
+        if key in grid:
+            raise CatchupError(f"grid key {key!r} is given twice")
+        values = split_values(text)
+        if len(set(values)) != len(values):
+            raise CatchupError(f"grid key {key!r} repeats a value: {text}")
+        grid[key] = values
+    return grid
+
+
+def run_name(values: dict[str, str]) -> str:
+    """Folder name of a grid point: `mix=none_seed=0`; characters a path should not hold become '-'."""
+    return "_".join(f"{k}={re.sub(r'[^A-Za-z0-9.+=-]', '-', v)}" for k, v in values.items())
+
+
+def grid_points(grid: dict[str, list[str]], runs_dir: Path, seed_key: str = "seed") -> list[Point]:
+    """Every combination, seed by seed (the seed key outermost), then in the grid's own order."""
+    keys = list(grid)
+    outer = [seed_key] if seed_key in grid else []
+    inner = [k for k in keys if k not in outer]
+    points = []
+    for combo in itertools.product(*(grid[k] for k in outer + inner)):
+        chosen = dict(zip(outer + inner, combo))
+        values = {k: chosen[k] for k in keys}
+        points.append(Point(values, runs_dir / run_name(values)))
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise CatchupError("two grid points map to the same run folder name; make the values differ in letters "
+                           "or digits, not only in punctuation")
+    return points
+
+
+def point_overrides(point: Point) -> list[str]:
+    return [arg for k, v in point.values.items() for arg in (f"--{k}", v)]
+
+
+def state_of(run_dir: Path) -> str:
+    """'done' (results.json), 'resume' (a complete checkpoint), 'restart' (started, no checkpoint) or 'new'."""
+    if (run_dir / "results.json").exists():
+        return "done"
+    if latest_checkpoint(run_dir) is not None:
+        return "resume"
+    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+        return "restart"
+    return "new"
+
+
+class Sweep:
+    """Starts train.py (and evaluate.py) subprocesses, at most `jobs` at a time, and can stop them all."""
+
+    def __init__(self, args: argparse.Namespace, fixed: list[str], points: list[Point]) -> None:
+        self.args, self.fixed, self.points = args, fixed, points
+        self.logs = args.output / "logs"
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+        threads = max(1, args.threads // args.jobs)
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                    "PYTHONUNBUFFERED": "1"}
+        # one device per job slot (devices repeat when there are more jobs than devices)
+        self.devices: queue.Queue[str] = queue.Queue()
+        for slot in range(args.jobs if args.gpus else 0):
+            self.devices.put(args.gpus[slot % len(args.gpus)])
+
+    def train_command(self, point: Point, state: str) -> list[str]:
+        cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(self.args.config),
+               *point_overrides(point), *self.fixed, "--output", str(point.run_dir)]
+        return cmd + {"resume": ["--resume"], "restart": ["--overwrite"], "new": []}[state]
+
+    def eval_command(self, point: Point) -> list[str]:
+        return [sys.executable, str(SCRIPTS / "evaluate.py"), "--run", str(point.run_dir),
+                "--suite", self.args.eval_suite, "--workers", "0", *self.args.eval_args.split()]
+
+    def call(self, cmd: list[str], log: Path) -> tuple[int, float, float]:
+        """Run cmd with its output appended to log: (exit code, wall seconds, CPU seconds of it and its children)."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            out.write(f"$ {' '.join(cmd)}\n")
+            out.flush()
+            device = self.devices.get() if self.args.gpus else None
+            env = self.env if device is None else {**self.env, "CUDA_VISIBLE_DEVICES": device}
+            start = time.perf_counter()
+            try:
+                with self.lock:
+                    if self.stopping:
+                        return 130, 0.0, 0.0
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                    self.children.add(proc)
+                # wait4 rather than Popen.wait: it also reports the child's CPU time, unaffected by other jobs
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                with self.lock:
+                    self.children.discard(proc)
+            finally:
+                if device is not None:
+                    self.devices.put(device)
+        return proc.returncode, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+
+    def run_point(self, point: Point) -> tuple[Point, str, str]:
+        """Train (and evaluate) one point: (point, what happened, detail)."""
+        state = state_of(point.run_dir)
+        if state != "done":
+            code, wall, cpu = self.call(self.train_command(point, state), self.logs / f"{point.name}.log")
+            if point.run_dir.is_dir():     # interrupted attempts count too: their checkpoints are built on
+                _add_time(point.run_dir, wall, cpu)
+            if code != 0 or state_of(point.run_dir) != "done":
+                return point, "failed", f"train.py exit {code}; log: {self.logs / (point.name + '.log')}"
+        if self.args.evaluate and not (point.run_dir / "eval" / "report.json").exists():
+            code, _, _ = self.call(self.eval_command(point), self.logs / f"{point.name}.eval.log")
+            if code != 0:
+                return point, "failed", f"evaluate.py exit {code}; log: {self.logs / (point.name + '.eval.log')}"
+        return point, ("skipped" if state == "done" else state), ""
+
+    def stop(self) -> None:
+        """Ctrl-C or SIGTERM: interrupt the children (train.py keeps its last complete checkpoint)."""
+        with self.lock:
+            self.stopping = True
+            for proc in self.children:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+
+    def run(self) -> list[tuple[Point, str, str]]:
+        done: list[tuple[Point, str, str]] = []
+        total = len(self.points)
+        pool = ThreadPoolExecutor(max_workers=self.args.jobs)
+        try:
+            pending = {pool.submit(self.run_point, p) for p in self.points}
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done.append(future.result())
+                    print(progress_line(len(done), total, *done[-1]), flush=True)
+        except KeyboardInterrupt:
+            self.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return done
+
+
+def progress_line(count: int, total: int, point: Point, what: str, detail: str) -> str:
+    head = f"[{count}/{total}] {point.label()}:"
+    if what == "failed":
+        return f"{head} FAILED ({detail})"
+    results = json.loads((point.run_dir / "results.json").read_text())
+    numbers = ", ".join(f"{short} {results[key]:.2f}" for key, short in METRICS.items() if key in results)
+    timing = _read_time(point.run_dir)
+    minutes = (f", {timing['wall_s'] / 60:.1f} min ({timing['cpu_s'] / 60:.1f} CPU min)"
+               if timing and what != "skipped" else "")
+    verb = {"skipped": "already done", "new": "done", "resume": "resumed, done", "restart": "restarted, done"}
+    return f"{head} {verb[what]}: {numbers or 'no evaluation'}{minutes}"
+
+
+def _read_time(run_dir: Path) -> dict | None:
+    path = run_dir / TIME_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _add_time(run_dir: Path, wall: float, cpu: float) -> None:
+    old = _read_time(run_dir) or {"wall_s": 0.0, "cpu_s": 0.0, "attempts": 0}
+    new = {"wall_s": round(old["wall_s"] + wall, 1), "cpu_s": round(old["cpu_s"] + cpu, 1),
+           "attempts": old["attempts"] + 1}
+    (run_dir / TIME_FILE).write_text(json.dumps(new) + "\n")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
+                                allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for "
+                                                           "every run.")
+    p.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML shared by every run")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="recipe keys and their values; one run per combination")
+    p.add_argument("--output", required=True, type=Path, help="sweep folder: runs/, logs/, table.*")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads shared among the jobs (each gets threads // jobs)")
+    p.add_argument("--gpus", type=lambda t: [g.strip() for g in t.split(",") if g.strip()], default=[],
+                   help="comma-separated GPU ids; each job gets one as CUDA_VISIBLE_DEVICES (default: unchanged)")
+    p.add_argument("--seed-key", default="seed", help="grid key averaged over in the table")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also run evaluate.py on each run; its numbers join the table")
+    p.add_argument("--eval-suite", default="clean,fgsm,deformation", help="evaluate.py --suite for --evaluate")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py arguments, one string")
+    p.add_argument("--collect", action="store_true", help="train nothing: rebuild the table from the run folders")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None) -> int:
+    args, fixed = parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        raise CatchupError("--jobs and --threads must be >= 1")
+    if "--output" in fixed or any(a.startswith("--output=") for a in fixed):
+        raise CatchupError("--output is the sweep folder; each run's output is set by the sweep")
+    grid = parse_grid(args.grid)
+    points = grid_points(grid, args.output / "runs", args.seed_key)
+    for point in points:   # every recipe is checked before anything starts
+        load_config(args.config, [*point_overrides(point), *fixed])
+    args.output.mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.collect:
+        (args.output / "sweep.json").write_text(json.dumps(
+            {"command": ["python", "-m", "catchup.sweep", *(argv if argv is not None else sys.argv[1:])],
+             "config": str(args.config), "grid": grid, "overrides": fixed}, indent=2) + "\n")
+        todo = sum(state_of(p.run_dir) != "done" for p in points)
+        print(f"sweep: {len(points)} runs ({todo} to train), {args.jobs} at a time, "
+              f"{max(1, args.threads // args.jobs)} thread(s) each, in {args.output}", flush=True)
+        sweep = Sweep(args, fixed, points)
+        signal.signal(signal.SIGTERM, _interrupt)
+        failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
+    rows = collect_runs(points, [k for k in grid if k != args.seed_key], args.seed_key)
+    paths = write_tables(rows, args.output, [k for k in grid if k != args.seed_key], args.seed_key)
+    print(f"table of {len(rows)} finished runs: {', '.join(str(p) for p in paths)}")
+    for point, detail in failed:
+        print(f"failed: {point.label()} ({detail})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt   # SIGTERM (a batch system, kill) stops the runs the way Ctrl-C does
+
+
+def _main() -> None:
+    if main():
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(_main, interrupted="interrupted: rerun the same command to resume the sweep")

@@ -1,0 +1,166 @@
+"""A sweep's table: every finished run's results.json (and eval/report.json), then mean +- std over seeds.
+
+Standard deviations are sample standard deviations (n - 1 in the denominator); with one seed there is none.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+TIME_FILE = "sweep_time.json"   # wall and CPU seconds the sweep spent on a run, summed over its attempts
+# results.json keys -> short column names
+METRICS = {"best_top1": "best", "last_top1": "last", "median_last10_top1": "median10"}
+_TITLES = {"best": "best top-1", "last": "last top-1", "median10": "median of last 10", "train_min": "train min",
+           "cpu_min": "CPU min"}
+
+
+def _eval_numbers(report_path: Path) -> dict[str, float]:
+    """Flat columns from an evaluate.py report: ECE, NLL, FGSM error per eps, accuracy per deformation."""
+    if not report_path.exists():
+        return {}
+    row = json.loads(report_path.read_text())["results"][0]
+    out: dict[str, float] = {}
+    if "clean" in row:
+        out.update(ece=row["clean"]["ece"], nll=row["clean"]["nll"])
+    for label, entry in row.get("fgsm", {}).items():
+        out[f"fgsm_err_{label}"] = entry["error"]
+    for name, value in row.get("deformation", {}).items():
+        out[f"deform_{name}"] = value["mean"] if isinstance(value, dict) else value
+    return out
+
+
+def _train_minutes(run_dir: Path) -> float | None:
+    """Training time without evaluation: the sum of summary.csv's per-epoch times."""
+    path = run_dir / "summary.csv"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        times = [float(r["epoch_time_s"]) for r in csv.DictReader(f) if r.get("epoch_time_s")]
+    return sum(times) / 60 if times else None
+
+
+def collect_runs(points: Sequence, group_keys: Sequence[str], seed_key: str) -> list[dict[str, Any]]:
+    """One row per finished run (results.json present), in grid order."""
+    rows = []
+    for point in points:
+        results_path = point.run_dir / "results.json"
+        if not results_path.exists():
+            continue
+        results = json.loads(results_path.read_text())
+        row: dict[str, Any] = {"run": point.name, **{k: point.values[k] for k in group_keys},
+                               seed_key: point.values.get(seed_key, "")}
+        row.update({short: results.get(key) for key, short in METRICS.items()})
+        row["train_min"] = _train_minutes(point.run_dir)
+        timing = point.run_dir / TIME_FILE
+        row["cpu_min"] = json.loads(timing.read_text())["cpu_s"] / 60 if timing.exists() else None
+        row.update(_eval_numbers(point.run_dir / "eval" / "report.json"))
+        rows.append(row)
+    return rows
+
+
+def _number_columns(rows: list[dict[str, Any]], skip: set[str]) -> list[str]:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [c for c in columns if c not in skip]
+
+
+def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: str) -> list[dict[str, Any]]:
+    """Rows grouped by the non-seed grid keys (first-seen order): n, seeds, and <col>_mean / <col>_std."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+    columns = _number_columns(rows, {"run", seed_key, *group_keys})
+    table = []
+    for key, members in groups.items():
+        out: dict[str, Any] = dict(zip(group_keys, key))
+        out["n"] = len(members)
+        out["seeds"] = " ".join(str(m[seed_key]) for m in members)
+        for col in columns:
+            values = [m[col] for m in members if isinstance(m.get(col), (int, float))]
+            out[f"{col}_mean"] = statistics.fmean(values) if values else None
+            out[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        table.append(out)
+    return table
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+def _cell(mean: float | None, std: float | None, bold: bool) -> str:
+    if mean is None:
+        return ""
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"**{text}**" if bold else text
+
+
+def markdown(table: list[dict[str, Any]], group_keys: Sequence[str]) -> str:
+    """Mean ± std per grid point; the highest mean of each top-1 column in bold."""
+    if not table:
+        return "(no finished runs yet)\n"
+    standard = (*METRICS.values(), "train_min", "cpu_min")
+    present = [c for c in standard if any(r.get(f"{c}_mean") is not None for r in table)]
+    extra = [c[:-5] for c in table[0] if c.endswith("_mean") and c[:-5] not in standard]
+    columns = present + extra
+    best = {c: max(r[f"{c}_mean"] for r in table if r.get(f"{c}_mean") is not None) for c in METRICS.values()
+            if c in present}
+    header = [*group_keys, "seeds", *(_TITLES.get(c, c) for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in table:
+        cells = [str(r[k]) for k in group_keys] + [str(r["n"])]
+        cells += [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), c in best and r.get(f"{c}_mean") == best[c])
+                  for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict[str, Any]], group_keys: Sequence[str], path: Path) -> Path:
+    """Grouped bars (best, median of last 10, last top-1) per grid point, with one-std error bars."""
+    import numpy as np
+
+    from catchup.robustness.plots import _new_figure, _save
+
+    shown = [c for c in ("best", "median10", "last") if any(r.get(f"{c}_mean") is not None for r in table)]
+    labels = [" ".join(str(r[k]) for k in group_keys) or "all" for r in table]
+    fig = _new_figure(max(6.0, 0.75 * len(table) + 2), 4.5)
+    ax = fig.add_subplot()
+    centers = np.arange(len(table))
+    width = 0.8 / max(len(shown), 1)
+    low, high = math.inf, -math.inf
+    for i, col in enumerate(shown):
+        means = np.array([np.nan if r[f"{col}_mean"] is None else r[f"{col}_mean"] for r in table], dtype=float)
+        stds = np.array([0.0 if r[f"{col}_std"] is None else r[f"{col}_std"] for r in table], dtype=float)
+        ax.bar(centers + (i - (len(shown) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+               label=_TITLES[col])
+        if np.isfinite(means).any():
+            low, high = min(low, np.nanmin(means - stds)), max(high, np.nanmax(means + stds))
+    if math.isfinite(low):   # accuracies of similar methods: the interesting range, not 0-100
+        margin = max(0.5, 0.15 * (high - low))
+        ax.set_ylim(low - margin, high + margin)
+    ax.set_xticks(centers, labels, rotation=30, ha="right")
+    ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence[str],
+                 seed_key: str = "seed") -> list[Path]:
+    """runs.csv (one row per run), table.csv / table.md (mean ± std per grid point) and table.png."""
+    table = aggregate(rows, group_keys, seed_key)
+    paths = [out_dir / "runs.csv", out_dir / "table.csv", out_dir / "table.md"]
+    _write_csv(paths[0], rows)
+    _write_csv(paths[1], table)
+    paths[2].write_text(markdown(table, group_keys))
+    if any(r.get(f"{c}_mean") is not None for r in table for c in METRICS.values()):
+        paths.append(plot(table, group_keys, out_dir / "table.png"))
+    else:
+        (out_dir / "table.png").unlink(missing_ok=True)   # no stale plot beside a table without numbers
+    return paths
