@@ -15,12 +15,16 @@ import math
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from catchup.cli import run_cli
 from catchup.config import TrainConfig, load_config
 from catchup.config_help import RecipeArgumentParser
 from catchup.rundir import check_output, prepare_output, record_resume, resume_candidates
 from catchup.stopping import stop_signals
+
+if TYPE_CHECKING:
+    from catchup.engine import TrainProgress
 
 
 def parse_args(argv):

@@ -34,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from catchup.config import load_config  # noqa: E402
-from catchup.data import Augment, DataInfo, PadCropFlip, build_datasets  # noqa: E402
+from catchup.data import Augment, PadCropFlip, build_datasets  # noqa: E402
 from catchup.data.sampling import EpochSeeded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

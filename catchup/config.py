@@ -13,10 +13,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from catchup.config_checks import _CHOICES, _RANGES, _check_opt
 from catchup.config_types import Mismatch, coerce, describe
 from catchup.errors import CatchupError
 
@@ -105,9 +106,6 @@ class TrainConfig:
 
 _TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
-SCHEDULERS = ("multistep", "step", "cosine", "none")  # timm create_scheduler_v2 names, plus "none"
-LABEL_LAM = ("exact", "sampled")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 CLI = "on the command line"
 
 _LAUNCHER_PRECISION = "mixed precision is chosen at launch: `accelerate launch --mixed_precision bf16|fp16`"
@@ -311,65 +309,6 @@ def dump_config(cfg: TrainConfig, path: str | Path, notes: Sequence[str] = ()) -
     header = "".join(f"# {note}\n" for note in ("resolved recipe: rerun with --config " + path.name, *notes))
     tmp.write_text(header + body, encoding="utf-8")
     os.replace(tmp, path)  # readers never see a half-written file
-
-
-def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
-
-
-_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
-    *((k, lambda v: v > 0, "> 0") for k in ("lr", "cutmix_alpha", "decay_rate")),
-    ("mix_alpha", _optional(lambda v: v > 0), "> 0 or null"),
-    *((k, lambda v: v >= 1, ">= 1") for k in (
-        "batch_size", "grad_accum_steps", "epochs", "eval_every", "checkpoint_keep", "log_every",
-        "track_filters_every")),
-    *((k, lambda v: v >= 0, ">= 0") for k in (
-        "max_steps", "warmup_epochs", "warmup_lr", "min_lr", "momentum", "weight_decay", "workers",
-        "checkpoint_every_steps", "mixup_off_epoch")),
-    *((k, _optional(lambda v: v >= 1), ">= 1 or null") for k in ("num_classes", "input_size", "eval_batch_size")),
-    ("clip_grad", _optional(lambda v: v > 0), "> 0 or null"),
-    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop_path", _optional(lambda v: 0 <= v < 1), "in [0, 1) or null"),
-    ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("mix_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("aug_repeats", lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
-    ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("decay_milestones", lambda v: all(a < b for a, b in zip([0] + v, v)), "strictly ascending and > 0"),
-    ("cutmix_minmax", _optional(lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1),
-     "[min, max] with 0 <= min < max <= 1"),
-    ("mix_layers", _optional(lambda v: len(v) > 0 and all(isinstance(x, str) or x >= 0 for x in v)),
-     "a non-empty list of stage indices >= 0 or module names"),
-    ("mix_layer_weights", _optional(lambda v: all(w >= 0 for w in v) and sum(v) > 0),
-     "non-negative with a positive sum"),
-]
-_CHOICES = {"sched": SCHEDULERS, "label_lam": LABEL_LAM, "wandb_mode": WANDB_MODES}
-
-
-# timm has had these for years; knowing them spares importing timm (and torch) to check most recipes
-_COMMON_OPTIMIZERS = {"sgd", "momentum", "adam", "adamw", "nadam", "radam", "rmsprop", "rmsproptf", "lamb", "lion"}
-
-
-def _timm_optimizers() -> set[str]:
-    try:
-        from timm.optim import list_optimizers
-    except ImportError:  # timm releases before the optimizer registry
-        return _COMMON_OPTIMIZERS
-    return set(list_optimizers())
-
-
-def _check_opt(opt: str) -> str | None:
-    """None if timm's create_optimizer_v2 accepts `opt`, else why not."""
-    *prefix, name = opt.lower().split("_")
-    if prefix not in ([], ["lookahead"]):
-        return "the only prefix timm accepts is `lookahead_`"
-    if name in _COMMON_OPTIMIZERS:
-        return None
-    known = _timm_optimizers()
-    if name in known:
-        return None
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    return f"did you mean {close[0]!r}?" if close else "see timm.optim.list_optimizers()"
 
 
 def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:

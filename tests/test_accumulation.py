@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from catchup.data import build_datasets

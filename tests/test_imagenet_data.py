@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from catchup import CatchupError
 from catchup.config import load_config
 from catchup.data import Augment, build_datasets, dataset_labels
-from catchup.data.sampling import EpochSeeded, RepeatedAugmentation, SeededStream, item_seed
+from catchup.data.sampling import EpochSeeded, RepeatedAugmentation, item_seed
 from tests.helpers import load_safetensors, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,6 @@ from PIL import Image
 from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
-from torch import nn
 
 from catchup import CatchupError, build_mixer
 from catchup.mix import PlannedBatch
