@@ -47,6 +47,26 @@ def test_import_registers_the_model_zoo_with_timm():
     assert model.num_classes == 3
 
 
+@pytest.mark.parametrize("order", ["catchup first", "timm first"])
+def test_a_fresh_interpreter_gets_the_zoo_whichever_is_imported_first(order, tmp_path):
+    imports = "import catchup, timm" if order == "catchup first" else "import timm, catchup"
+    code = (f"{imports}\nfrom timm import create_model\n"
+            "print(type(create_model('preactresnet18', num_classes=3, width=4)).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "PreActResNet"
+
+
+def test_the_scripts_argument_checks_do_not_load_torch(tmp_path):
+    code = ("import sys, catchup.config, catchup.config_help, catchup.rundir, catchup.stopping, catchup.suites\n"
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("method", ["puzzlemix", "comixup"])
 def test_graph_cut_methods_without_gco_say_how_to_install_it(monkeypatch, method):
     real = importlib.util.find_spec
