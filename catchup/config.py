@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 0  # random seed
     # mixing
     mix: str = "none"  # mixing method
-    mix_prob: float = 1.0  # probability of mixing a batch
+    mix_prob: float | None = None  # share of batches mixed; None = the method's (1; MoEx 0.25; SaliencyMix, SnapMix 0.5)
     mix_alpha: float | None = None  # Beta(alpha, alpha) for the mixing ratio; None = the method's default
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for CutMix boxes (layer 0 of feature-level methods)
     cutmix_minmax: list[float] | None = None  # CutMix box size range as image fractions, instead of cutmix_alpha

@@ -28,7 +28,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("drop_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("drop_path", _optional(lambda v: 0 <= v < 1), "in [0, 1) or null"),
     ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("mix_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("mix_prob", _optional(lambda v: 0 <= v <= 1), "in [0, 1] or null"),
     ("aug_repeats", lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
     ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
     ("decay_milestones", lambda v: all(a < b for a, b in zip([0] + v, v)), "strictly ascending and > 0"),

@@ -133,12 +133,14 @@ def make_criterion(cfg: TrainConfig) -> nn.Module:
 
 def make_mixer(cfg: TrainConfig, model: nn.Module, info: DataInfo, process_index: int) -> Mixer:
     input_size = (info.in_chans, info.input_size, info.input_size)
-    options: dict[str, Any] = dict(prob=cfg.mix_prob, cutmix_alpha=cfg.cutmix_alpha, cutmix_minmax=cfg.cutmix_minmax,
+    options: dict[str, Any] = dict(cutmix_alpha=cfg.cutmix_alpha, cutmix_minmax=cfg.cutmix_minmax,
                                    label_smoothing=cfg.smoothing, layers=cfg.mix_layers,
                                    layer_weights=cfg.mix_layer_weights, label_lam=cfg.label_lam,
                                    seed=cfg.seed * 1000 + process_index, input_size=input_size)
     if cfg.mix_alpha is not None:
         options["alpha"] = cfg.mix_alpha
+    if cfg.mix_prob is not None:
+        options["prob"] = cfg.mix_prob
     if {"mean", "std"} <= mixer_options(cfg.mix):    # methods that work in pixel space (PuzzleMix)
         options.update(mean=info.mean, std=info.std)
     options.update(cfg.mix_kwargs)

@@ -140,7 +140,7 @@ CASES = [
     ("resume-dataset", resume("run", "--dataset", "fashion_mnist"), "dataset (run 'digits'", ("run",)),
     ("resume-model", resume("run", "--model-kwargs", "{width: 8}"), "model_kwargs", ("run",)),
     ("resume-two-keys", resume("run", "--smoothing", "0.1", "--mix-prob", "0.5"), "smoothing (run 0.0, now 0.1), "
-     "mix_prob (run 1.0, now 0.5)", ("run",)),
+     "mix_prob (run None, now 0.5)", ("run",)),
     # train.py: damaged checkpoints and a model that does not fit
     ("resume-torn-model", resume("torn_model"), "step_00000011/model.safetensors cannot be read", ("torn_model",)),
     ("resume-zeroed-optimizer", resume("zero_opt"), "step_00000011/optimizer.bin cannot be read", ("zero_opt",)),

@@ -174,7 +174,7 @@ def test_snapmix_label_weights_are_the_cam_mass_shares():
     torch.manual_seed(0)
     model = HeadNet()
     x, y = batch(b=5, size=16, seed=4)
-    mixer = build_mixer("snapmix", model, num_classes=5, seed=1)
+    mixer = build_mixer("snapmix", model, num_classes=5, seed=1, prob=1.0)
     features = F.relu(model.forward_features(x)).detach()
     w, bias = model.fc.weight.detach(), model.fc.bias.detach()
     cams = []
@@ -570,7 +570,11 @@ def test_registry_has_the_baselines_and_paper_defaults():
     model = HeadNet()
     assert build_mixer("saliencymix", num_classes=5).prob == 0.5 and MIXERS["saliencymix"].default_alpha == 1.0
     assert build_mixer("alignmix", model, num_classes=5).alpha == 2.0
-    assert build_mixer("snapmix", model, num_classes=5).alpha == 5.0
+    snapmix = build_mixer("snapmix", model, num_classes=5)
+    assert (snapmix.alpha, snapmix.prob) == (1.0, 0.5)
+    assert build_mixer("moex", model, num_classes=5).prob == 0.25
+    assert build_mixer("catchup", model, num_classes=5).prob == 1.0
+    assert build_mixer("moex", model, num_classes=5, prob=1.0).prob == 1.0    # given beats the method's default
     recursive = build_mixer("recursivemix", model, num_classes=5)
     assert recursive.alpha == 0.5 and recursive.omega == 0.5
     assert build_mixer("resizemix", num_classes=5).scale == (0.1, 0.8)

@@ -132,7 +132,7 @@ def test_moex_and_manifold_act_on_the_channel_axis(family, layer):
     name, kwargs, size, layout = FAMILIES[family]
     axis = CHANNEL_AXIS[layout]
     model = create(name, kwargs)
-    stage, h, after, plan, _, _ = mix_once("moex", model, layer, size, seed=2)
+    stage, h, after, plan, _, _ = mix_once("moex", model, layer, size, seed=2, prob=1.0)
     # MoEx by hand: each position's mean and std over the channels, swapped for the partner's same position.
     mean, std = h.mean(axis, keepdim=True), (h.var(axis, keepdim=True) + 1e-5).sqrt()
     expected = (h - mean) / std * std[plan.index] + mean[plan.index]

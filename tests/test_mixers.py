@@ -109,7 +109,7 @@ def test_plan_feature_mixing_changes_the_output_and_trains():
 @pytest.mark.parametrize("name", ["mixup", "cutmix", "manifold", "moex", "catchup"])
 def test_soft_targets_sum_to_one_and_weight_the_source_by_lam_eff(name, smoothing):
     model = TinyNet()
-    mixer = build_mixer(name, model, num_classes=5, label_smoothing=smoothing, seed=1)
+    mixer = build_mixer(name, model, num_classes=5, label_smoothing=smoothing, seed=1, prob=1.0)
     x, y = batch(b=5)        # labels 0..4: every partner of another sample has a different class
     for _ in range(20):
         _, target, plan = mixer.prepare(x, y)

@@ -62,12 +62,22 @@ def _build(path: Path, data_dirs) -> None:
         model = build_model(dataclasses.replace(cfg, pretrained=False), info)
     mixer = make_mixer(cfg, model, info, process_index=0)
     assert mixer.name == cfg.mix
+    assert mixer.prob == (type(mixer).default_prob if cfg.mix_prob is None else cfg.mix_prob)
     make_scheduler(cfg, make_optimizer(cfg, model), updates_per_epoch=10)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_recipe_builds_its_data_model_mixer_and_optimizer(path, data_dirs):
     _build(path, data_dirs)
+
+
+@pytest.mark.parametrize("mix, prob, expected", [("moex", None, 0.25), ("snapmix", None, 0.5),
+                                                 ("saliencymix", None, 0.5), ("catchup", None, 1.0),
+                                                 ("moex", 1.0, 1.0)])
+def test_mix_prob_left_out_is_the_methods_own(mix, prob, expected):
+    cfg = load_config(None, {"mix": mix, "mix_prob": prob, "model_kwargs": {"width": 4}})
+    _, _, info = build_datasets(cfg.dataset, cfg.data_dir, train_fraction=0.1, seed=0)
+    assert make_mixer(cfg, build_model(cfg, info), info, process_index=0).prob == expected
 
 
 @pytest.mark.parametrize("line, problem", [

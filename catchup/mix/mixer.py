@@ -69,7 +69,8 @@ class Mixer:
     pass through unchanged; ``alpha`` is the same Beta parameter as ``mixup_alpha`` (give one). Their meaning
     here:
 
-    - ``prob``: the share of batches mixed (one gate per batch, every method).
+    - ``prob``: the share of batches mixed (one gate per batch, every method); None = the method's
+      ``default_prob``, its authors' from-scratch setting (1 for most; MoEx 0.25, SaliencyMix and SnapMix 0.5).
     - ``mixup_alpha``/``alpha``: lambda ~ Beta(alpha, alpha) of the method (feature layers, input Mixup, the
       method's own input mixing); ``cutmix_alpha``: lambda of input CutMix; ``cutmix_minmax`` turns CutMix on
       with timm's min/max boxes.
@@ -86,6 +87,7 @@ class Mixer:
     """
     name = "none"
     default_alpha = 1.0
+    default_prob = 1.0
     default_layers: tuple[int, ...] | None = ()  # layers sampled by default; () = none, None = every layer
     input_mix: str | None = "cutmix"       # layer 0: 'cutmix' or 'mixup'; None = the method's own mix_input
     feature_level = False                  # True: may mix hidden layers through the stage hooks
@@ -94,7 +96,7 @@ class Mixer:
 
     def __init__(self, model: nn.Module | None = None, *, num_classes: int | None = None, alpha: float | None = None,
                  mixup_alpha: float | None = None, cutmix_alpha: float = 1.0,
-                 cutmix_minmax: Sequence[float] | None = None, prob: float = 1.0, switch_prob: float | None = None,
+                 cutmix_minmax: Sequence[float] | None = None, prob: float | None = None, switch_prob: float | None = None,
                  mode: str = "batch", label_smoothing: float = 0.0, correct_lam: bool = True,
                  layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
                  label_lam: str = "exact", seed: int = 0, input_size: Sequence[int] | None = None):
@@ -106,6 +108,7 @@ class Mixer:
                    f"alpha and mixup_alpha are the same setting; got {alpha} and {mixup_alpha}")
             alpha = mixup_alpha
         self.alpha = self.default_alpha if alpha is None else float(alpha)
+        prob = self.default_prob if prob is None else float(prob)
         _check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
         _check(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
         _check(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -25,8 +25,11 @@ def moex(h: torch.Tensor, index: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
 
 class MoEx(Mixer):
     """Exchange moments after the stem with probability ``prob``; labels ``lam * y + (1 - lam) * y[index]``
-    with a fixed ``lam`` (0.5 in the CIFAR setting of the paper's authors' code; ImageNet used 0.9)."""
+    with a fixed ``lam``. Defaults are the authors' CIFAR setting (prob 0.25, lam 0.5; ImageNet used lam 0.9):
+    the image keeps its content and gives only its moments away, so exchanging in every batch while the label
+    gives the partner half the weight teaches the model to ignore its own evidence."""
     name = "moex"
+    default_prob = 0.25
     default_layers = (1,)
     input_mix = None           # layer 0 (when asked for) exchanges the moments of the input
     feature_level = True

@@ -4,11 +4,11 @@ A box of the partner (size from lambda_1) is resized into a box of the sample (s
 sample keeps the share of its class-activation-map (CAM) mass that lies outside its box, the partner
 contributes the CAM mass share of the box it gave. The two weights need not sum to one.
 
-Defaults from the official code (github.com/Shaoli-Huang/SnapMix): lambda, lambda_1 ~ Beta(5, 5) and prob 1
-for ImageNet-pretrained fine-grained training (README); from scratch the README uses prob 0.5 with the
-default beta 1. CAMs come from an extra no-grad forward of the current model on the clean batch, in the
-model's current (training) mode as the official code does (so BatchNorm running statistics also see the clean
-batch), and are bilinearly upsampled to the image size.
+Defaults are the official code's from-scratch setting (github.com/Shaoli-Huang/SnapMix README: prob 0.5, the
+default beta 1), like every method's defaults here; its ImageNet-pretrained fine-grained runs use lambda,
+lambda_1 ~ Beta(5, 5) and prob 1 (``mix_alpha: 5, mix_prob: 1``). CAMs come from an extra no-grad forward
+of the current model on the clean batch, in the model's current (training) mode as the official code does (so
+BatchNorm running statistics also see the clean batch), and are bilinearly upsampled to the image size.
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ class SnapMix(Mixer):
     """
     name = "snapmix"
     live_model = True
-    default_alpha = 5.0
+    default_alpha = 1.0
+    default_prob = 0.5
     default_layers = (0,)
     input_mix = None
 
