@@ -52,7 +52,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
 
     from catchup.analysis import FilterNormTracker
     from catchup.config import config_to_dict, dump_config
-    from catchup.compile import compile_backend, compile_regions
+    from catchup.compile import compile_backend, compile_model
     from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
     from catchup.export import log_model_artifact
     from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
@@ -82,8 +82,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model)
     backend = compile_backend(cfg.torchcompile)
-    if backend:     # after the mixer's and tracker's hooks: they stay eager, between compiled regions
-        compile_regions(model, backend)
+    if backend:     # after the mixer's and tracker's hooks, which decide how (catchup/compile.py)
+        accelerator.print(f"torch.compile ({backend}): {compile_model(model, backend, mixer)}")
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # Accelerate also steps at the end of the loader, after a partial accumulation
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)

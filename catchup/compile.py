@@ -1,14 +1,23 @@
-"""Regional ``torch.compile``: the model's forward hooks stay eager, so mixing never recompiles.
+"""``torch.compile`` that mixing never recompiles: the whole model as one graph, or regions around the hooks.
 
-Compiling the whole model puts the stage hooks inside the compiled code: dynamo then guards on what they read
-(the plan's layer, whether a plan is armed) and recompiles for every layer a mixer picks. Here only the
-``forward`` of each *region* is compiled: the largest submodules with no hooked module strictly inside them.
-Forward hooks run in ``Module.__call__``, outside ``forward``, so they stay eager between compiled regions and
-every plan (any layer, no mixing, any lambda) runs the same compiled code. State-dict keys are unchanged (no
-``_orig_mod.`` wrapper), so checkpoints and weights are the same whether a run is compiled or not.
+Compiling the whole model puts the stage hooks inside the compiled code, and dynamo guards on the Python
+values they read (the plan's layer, whether a plan is armed): a plain hook recompiles for every layer a mixer
+picks. ``compile_model`` picks one of two designs:
 
-Regions are compiled with static shapes: evaluation pads its last, smaller batch (``pad_batch``) instead of
-recompiling for it. Each region is compiled once per kind of call (training, evaluation).
+- **One graph** (``compile_whole``), when the mixer's stage hooks are the model's only inner hooks and its
+  feature plans carry only tensors (none, the input-level methods, Manifold Mixup, MoEx, Catch-up Mix): the
+  hooks read the plan from fixed tensors through ``torch.cond(layer == k, mix, copy)`` (``StageHooks.
+  use_one_graph``), so every plan (any layer, no mixing, any lambda) runs one training graph, with nothing
+  cut out of it.
+- **Regions** (``compile_regions``) otherwise (AlignMix's plans hold a Python direction; the filter tracker
+  switches its hooks on and off, which dynamo would not notice): only the ``forward`` of each *region* is
+  compiled, the largest submodules with no hooked module strictly inside them. Forward hooks run in
+  ``Module.__call__``, outside ``forward``, so they stay eager between compiled regions; the cuts cost
+  fusion across them (14-23 % of a CPU ResNet-18 step, README).
+
+Either way state-dict keys are unchanged (no ``_orig_mod.`` wrapper), so checkpoints and weights are the same
+whether a run is compiled or not. Shapes are static: evaluation pads its last, smaller batch (``pad_batch``)
+instead of recompiling for it. Each graph is compiled once per kind of call (training, evaluation).
 """
 from __future__ import annotations
 
@@ -39,6 +48,42 @@ def compile_backend(value: bool | str) -> str | None:
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def compile_model(model: nn.Module, backend: Backend, mixer=None) -> str:
+    """Compile ``model`` in place for training with ``mixer`` (register every hook first); says how."""
+    hooks = getattr(mixer, "hooks", None)
+    own = hooks.handle_ids() if hooks is not None else set()
+    inner = [m for m in model.modules() if m is not model and _hooked(m)]
+    foreign = any(set(m._forward_hooks) - own or m._forward_pre_hooks for m in inner)
+    template = mixer.feature_plan_template() if hooks is not None else None
+    if foreign or (template is not None and not all(isinstance(v, torch.Tensor) for v in template.extras.values())):
+        regions = compile_regions(model, backend)
+        return f"{len(regions)} compiled regions around the hooked modules"
+    if hooks is not None:
+        hooks.use_one_graph(template)
+    compile_whole(model, backend)
+    return "one compiled graph" + (" (mixing through torch.cond at each stage)" if hooks is not None else "")
+
+
+def compile_whole(model: nn.Module, backend: Backend = "inductor", **options) -> None:
+    """``torch.compile`` of the model's ``forward``, in place, on a copy of its code object: dynamo caches per
+    code object and does not guard on module hooks, so another model of the class, with other hooks, must not
+    share the cache. Options go to ``torch.compile`` (``dynamic`` defaults to False)."""
+    options.setdefault("dynamic", False)
+    if backend == "inductor" and not _channels_last(model):
+        # Inductor's layout optimisation gives a torch.cond branch strides its traced fake tensors did not have
+        # (a stride assertion fails at run time): keep the model's own layout; set channels_last to get NHWC.
+        options.setdefault("options", {"layout_optimization": False})
+    func = type(model).forward
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                             func.__closure__)
+    model.forward = types.MethodType(torch.compile(own, backend=backend, **options), model)
+
+
+def _channels_last(model: nn.Module) -> bool:
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
 
 
 def compile_regions(model: nn.Module, backend: Backend = "inductor", **options) -> list[str]:

@@ -73,7 +73,7 @@ class TrainConfig:
     model_ema: bool = False  # keep an exponential moving average of the weights
     model_ema_decay: float = 0.9998  # EMA decay per optimizer step
     channels_last: bool = False  # channels-last memory format
-    torchcompile: bool | str = False  # torch.compile the model's regions: true (inductor), false, or a backend name
+    torchcompile: bool | str = False  # torch.compile the model: true (inductor), false, or a backend name
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     clip_grad: float | None = None  # gradient norm clipping; None = off
     seed: int = 0  # random seed

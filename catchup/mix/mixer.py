@@ -192,6 +192,18 @@ class Mixer:
             self._collate = MixCollate(self)
         return self._collate
 
+    def feature_plan_template(self) -> MixPlan | None:
+        """A feature plan drawn from a throwaway stream (the mixer's own is left as it was): the keys, shapes
+        and dtypes of its extras are those of every feature plan. None when the method mixes no features."""
+        stage = next((s for s in self.stages if s.module_name is not None), None)
+        if stage is None:
+            return None
+        rng, self.rng = self.rng, np.random.default_rng(0)
+        try:
+            return self.feature_plan(stage, torch.arange(2))
+        finally:
+            self.rng = rng
+
     def arm(self, plan: MixPlan | None) -> None:
         if self.hooks is not None:
             self.hooks.arm(plan)

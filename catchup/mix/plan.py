@@ -7,6 +7,7 @@ shares this mechanism instead of editing each backbone's forward.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -50,21 +51,79 @@ _LABEL_FIELDS = ("own_weight", "partner_weight", "partner_target", "label_matrix
 FeatureMixFn = Callable[[torch.Tensor, MixPlan], torch.Tensor]
 
 
+class PlanSlots:
+    """A feature plan held in fixed tensors (the layer, the partners, the method's extras) that one compiled
+    graph reads: dynamo specialises on Python values but not on tensor contents, so every plan (any layer, no
+    mixing, any lambda) runs the same graph. A new batch size or device reallocates them (one recompile)."""
+
+    def __init__(self, template: dict[str, torch.Tensor]):
+        self.template = template
+        self.layer = torch.tensor(-1)
+        self.index = torch.zeros(0, dtype=torch.long)
+        self.extras = dict(template)
+
+    def fit(self, batch_size: int, device: torch.device) -> None:
+        if self.index.shape[0] != batch_size or self.index.device != device:
+            self.layer = torch.full((), -1, dtype=torch.long, device=device)
+            self.index = torch.arange(batch_size, device=device)
+            self.extras = {k: torch.zeros_like(v, device=device) for k, v in self.template.items()}
+
+    def fill(self, plan: MixPlan | None) -> None:
+        if plan is None or plan.index.shape != self.index.shape:
+            self.layer.fill_(-1)      # not fitted to this batch yet: the model's pre-hook fills again
+            return
+        self.layer.fill_(plan.layer)
+        self.index.copy_(plan.index, non_blocking=True)
+        for key, slot in self.extras.items():
+            slot.copy_(plan.extras[key], non_blocking=True)
+
+
 class StageHooks:
     """Forward hooks on the mixing stages; an armed plan fires once, in a training forward, at its layer.
 
     Hooks never fire in ``eval()`` (the module's ``training`` flag is checked on every call) nor on a
-    ``deepcopy`` of the model (an EMA model), whose stage modules are other objects.
+    ``deepcopy`` of the model (an EMA model), whose stage modules are other objects. ``use_one_graph`` turns
+    them into ``torch.cond`` hooks for a model compiled whole (``catchup.compile.compile_model``).
     """
 
     def __init__(self, model: nn.Module, stages: list[Stage], mix_fn: FeatureMixFn):
         self.model = unwrap_model(model)
         self.mix_fn = mix_fn
         self.plan: MixPlan | None = None
+        self.slots: PlanSlots | None = None
+        self.stages = [s for s in stages if s.module_name is not None]
         modules = dict(self.model.named_modules())
-        self._handles = [
-            modules[s.module_name].register_forward_hook(self._make_hook(s, modules[s.module_name]))
-            for s in stages if s.module_name is not None]
+        self._handles = [modules[s.module_name].register_forward_hook(self._make_hook(s, modules[s.module_name]))
+                         for s in self.stages]
+
+    def handle_ids(self) -> set[int]:
+        return {h.id for h in self._handles}
+
+    def use_one_graph(self, template: MixPlan) -> None:
+        """Read plans from ``PlanSlots`` through ``torch.cond(layer == k, mix, copy)`` at every stage, so a model
+        compiled whole has one training graph. Feature mixing may then read only ``plan.index`` and the
+        tensors of ``plan.extras`` (``template``'s keys, shapes and dtypes): Python values would be baked in."""
+        if not all(isinstance(v, torch.Tensor) for v in template.extras.values()):
+            raise CatchupError("one-graph mixing needs plans whose extras are all tensors")
+        self.slots = PlanSlots(dict(template.extras))
+        modules = dict(self.model.named_modules())
+        for handle in self._handles:
+            handle.remove()
+        self._handles = [modules[s.module_name].register_forward_hook(self._make_cond_hook(s, modules[s.module_name]))
+                         for s in self.stages]
+        slots = self.slots
+
+        # Eager, around the compiled forward: fit the slots to the batch and fill them, then disarm.
+        @torch._dynamo.disable
+        def before(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                slots.fit(args[0].shape[0], args[0].device)
+                slots.fill(self.plan)
+
+        @torch._dynamo.disable
+        def after(module: nn.Module, args: tuple, output) -> None:
+            self.disarm()
+        self._handles += [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
 
     def _make_hook(self, stage: Stage, stage_module: nn.Module):
         layer = stage.layer
@@ -86,21 +145,65 @@ class StageHooks:
             return restore_layout(self.mix_fn(channels_first(output, layout), plan), layout, like=output)
         return hook
 
+    def _make_cond_hook(self, stage: Stage, stage_module: nn.Module):
+        layer, slots = stage.layer, self.slots
+
+        def mixed(h: torch.Tensor, index: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+            # lam is only for labels, made outside the model; NaN makes a stray read visible
+            plan = MixPlan(layer, math.nan, index, math.nan, dict(zip(slots.extras, extras)))
+            layout = stage_layout(stage, h.shape, self.model)
+            return _standard_strides(restore_layout(self.mix_fn(channels_first(h, layout), plan), layout, like=h),
+                                     _memory_format(h))
+
+        def unchanged(h: torch.Tensor, index: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+            return h.clone(memory_format=_memory_format(h))
+
+        def hook(module: nn.Module, inputs, output):
+            if not module.training or module is not stage_module:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise CatchupError(f"mixing layer {layer} outputs {type(output).__name__}, not a feature map")
+            return torch.cond(slots.layer == layer, mixed, unchanged, (output, slots.index, *slots.extras.values()))
+        return hook
+
     def arm(self, plan: MixPlan | None) -> None:
         if plan is not None and plan.layer > 0 and getattr(self.model, "grad_checkpointing", False):
             raise CatchupError(
                 "gradient checkpointing bypasses the stage modules, so feature-level mixing cannot run; "
                 "turn one of them off")
         self.plan = plan if plan is not None and plan.layer > 0 else None
+        if self.slots is not None:
+            self.slots.fill(self.plan)
 
     def disarm(self) -> None:
         self.plan = None
+        if self.slots is not None:
+            self.slots.layer.fill_(-1)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.plan = None
+
+
+def _memory_format(h: torch.Tensor) -> torch.memory_format:
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _standard_strides(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``t`` with the standard strides of its format (a copy only where they differ): torch.cond needs both
+    branches' strides to agree, and size-1 dimensions let one layout carry several sets of strides."""
+    shape = t.shape if memory_format == torch.contiguous_format else (t.shape[0], *t.shape[2:], t.shape[1])
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= size
+    if memory_format == torch.channels_last:
+        strides = [strides[0], strides[3], strides[1], strides[2]]
+    return t if tuple(t.stride()) == tuple(strides) else t.clone(memory_format=memory_format)
 
 
 def smooth_one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
