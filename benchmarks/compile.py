@@ -167,7 +167,8 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
         "compiled_speedup_none": rows["none eager"]["step_s"] / rows["none compiled"]["step_s"],
         "compiled_speedup_catchup": rows["catchup eager"]["step_s"] / rows["catchup compiled"]["step_s"],
         "regions_cost": rows["none compiled, catchup's regions"]["step_s"] / rows["none compiled"]["step_s"],
-        "catchup_regions_vs_none_compiled": rows["catchup compiled, regions"]["step_s"] / rows["none compiled"]["step_s"],
+        "catchup_regions_vs_none_compiled": (rows["catchup compiled, regions"]["step_s"]
+                                             / rows["none compiled"]["step_s"]),
         **{f"{n} vs none compiled": rows[n]["step_s"] / rows["none compiled"]["step_s"]
            for n in (WHOLE_TRACED, WHOLE_BREAKS) if n in rows},
         "graphs_compiled_after_warmup": graphs_after - graphs_before,

@@ -98,7 +98,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['catchup_vs_none_mem_compiled']:.3f} |",
              f"| compiled speed-up (none, catchup) | | {s['compiled_speedup_none']:.2f}x, "
              f"{s['compiled_speedup_catchup']:.2f}x |",
-             f"| Catch-up Mix compiled as regions (the fallback) / none | | {s['catchup_regions_vs_none_compiled']:.3f} |",
+             f"| Catch-up Mix compiled as regions (the fallback) / none | | "
+             f"{s['catchup_regions_vs_none_compiled']:.3f} |",
              f"| Catch-up Mix's regions, no mixing / none (cost of the regions) | | {s['regions_cost']:.3f} |",
              f"| graphs compiled after warm-up | | {s['graphs_compiled_after_warmup']} |",
              f"| training engine / bare PyTorch loop, images/s | {eng['ratio']:.3f} | |", "",

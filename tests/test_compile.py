@@ -136,6 +136,24 @@ def test_one_graph_mixes_every_layer_as_eager_does(method, layers):
     assert backend.frame_count == 2                           # training and evaluation
 
 
+def test_one_graph_takes_its_plans_from_the_collate_fn():
+    model = tiny_model()
+    eager = copy.deepcopy(model)
+    mixers = [build_mixer("catchup", m, num_classes=10, input_size=(1, 8, 8), seed=5) for m in (model, eager)]
+    backend = CompileCounterWithBackend("aot_eager")
+    compile_model(model, backend, mixers[0])
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(1, 8, 8, generator=g), i % 10) for i in range(48)]
+    layers = set()
+    for epoch in range(3):
+        loaders = [torch.utils.data.DataLoader(data, batch_size=16, collate_fn=m.collate) for m in mixers]
+        for (x, target), (eager_x, eager_target) in zip(*loaders):
+            layers.add(mixers[0].last_plan.layer)
+            assert torch.equal(target, eager_target)
+            assert torch.allclose(model(x), eager(eager_x), atol=1e-5)    # the plan rode in on the batch
+    assert len(layers - {0}) >= 3 and backend.frame_count == 1
+
+
 @pytest.mark.parametrize("case", ["alignmix", "tracker"])
 def test_plans_with_python_values_or_other_hooks_compile_as_regions(case):
     model = tiny_model()

@@ -96,7 +96,8 @@ class Mixer:
 
     def __init__(self, model: nn.Module | None = None, *, num_classes: int | None = None, alpha: float | None = None,
                  mixup_alpha: float | None = None, cutmix_alpha: float = 1.0,
-                 cutmix_minmax: Sequence[float] | None = None, prob: float | None = None, switch_prob: float | None = None,
+                 cutmix_minmax: Sequence[float] | None = None, prob: float | None = None,
+                 switch_prob: float | None = None,
                  mode: str = "batch", label_smoothing: float = 0.0, correct_lam: bool = True,
                  layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
                  label_lam: str = "exact", seed: int = 0, input_size: Sequence[int] | None = None):

@@ -111,18 +111,19 @@ class StageHooks:
             handle.remove()
         self._handles = [modules[s.module_name].register_forward_hook(self._make_cond_hook(s, modules[s.module_name]))
                          for s in self.stages]
-        slots = self.slots
+        slots, root = self.slots, self.model
 
         # Eager, around the compiled forward: fit the slots to the batch and fill them, then disarm.
         @torch._dynamo.disable
         def before(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor):
+            if module is root and module.training and args and isinstance(args[0], torch.Tensor):
                 slots.fit(args[0].shape[0], args[0].device)
                 slots.fill(self.plan)
 
         @torch._dynamo.disable
         def after(module: nn.Module, args: tuple, output) -> None:
-            self.disarm()
+            if module is root:      # not on an EMA deepcopy, which shares these hooks
+                self.disarm()
         self._handles += [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
 
     def _make_hook(self, stage: Stage, stage_module: nn.Module):
