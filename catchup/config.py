@@ -70,6 +70,7 @@ class TrainConfig:
     min_lr: float = 0.0  # floor for decaying schedules
     smoothing: float = 0.0  # label smoothing
     bce_loss: bool = False  # binary cross-entropy instead of soft-target cross-entropy
+    bce_target_thresh: float | None = None  # with bce_loss: targets above it become 1, the rest 0 (RSB A2: 0.2)
     model_ema: bool = False  # keep an exponential moving average of the weights
     model_ema_decay: float = 0.9998  # EMA decay per optimizer step
     channels_last: bool = False  # channels-last memory format
@@ -336,6 +337,8 @@ def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None
         fail("decay_milestones", f"must all be < epochs ({cfg.epochs})")
     if cfg.batch_size % cfg.grad_accum_steps:
         fail("batch_size", f"(the global batch) must be divisible by grad_accum_steps ({cfg.grad_accum_steps})")
+    if cfg.bce_target_thresh is not None and not cfg.bce_loss:
+        fail("bce_target_thresh", "applies to binary cross-entropy only: set bce_loss: true")
     if cfg.mix_layers is not None and cfg.mix_layer_weights is not None \
             and len(cfg.mix_layers) != len(cfg.mix_layer_weights):
         fail("mix_layer_weights", f"must have one weight per entry of mix_layers ({len(cfg.mix_layers)})")

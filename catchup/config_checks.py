@@ -25,6 +25,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     *((k, _optional(lambda v: v >= 1), ">= 1 or null") for k in ("num_classes", "input_size", "eval_batch_size")),
     ("clip_grad", _optional(lambda v: v > 0), "> 0 or null"),
     ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("bce_target_thresh", _optional(lambda v: 0 < v < 1), "in (0, 1) or null"),
     ("drop_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("drop_path", _optional(lambda v: 0 <= v < 1), "in [0, 1) or null"),
     ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -128,7 +128,9 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_p
 
 def make_criterion(cfg: TrainConfig) -> nn.Module:
     """Every mixer returns soft targets (smoothing included), so one loss serves all methods."""
-    return BinaryCrossEntropy(smoothing=0.0) if cfg.bce_loss else SoftTargetCrossEntropy()
+    if cfg.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=cfg.bce_target_thresh)
+    return SoftTargetCrossEntropy()
 
 
 def make_mixer(cfg: TrainConfig, model: nn.Module, info: DataInfo, process_index: int) -> Mixer:

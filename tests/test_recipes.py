@@ -1,5 +1,6 @@
 """Every shipped recipe loads and builds; the README documents every key and its commands match CI."""
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from catchup.config import TrainConfig, load_config
 from catchup.errors import CatchupError
 from catchup.data import build_datasets
 from catchup.mix import MIXERS
-from catchup.recipe import make_mixer, make_optimizer, make_scheduler
+from catchup.recipe import make_criterion, make_mixer, make_optimizer, make_scheduler
 from catchup.runs import build_model
 from tests.test_data import write_cifar100, write_image_folders, write_tinyimagenet
 
@@ -78,6 +79,18 @@ def test_mix_prob_left_out_is_the_methods_own(mix, prob, expected):
     cfg = load_config(None, {"mix": mix, "mix_prob": prob, "model_kwargs": {"width": 4}})
     _, _, info = build_datasets(cfg.dataset, cfg.data_dir, train_fraction=0.1, seed=0)
     assert make_mixer(cfg, build_model(cfg, info), info, process_index=0).prob == expected
+
+
+def test_bce_target_threshold_turns_soft_targets_into_zeros_and_ones():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
+    soft = torch.tensor([[0.7, 0.25, 0.05], [0.1, 0.5, 0.4]])
+    hard = [[1, 1, 0], [0, 1, 1]]     # above 0.2
+    by_hand = sum(-math.log(1 / (1 + math.exp(-x))) if y else -math.log(1 - 1 / (1 + math.exp(-x)))
+                  for row_x, row_y in zip(logits.tolist(), hard) for x, y in zip(row_x, row_y)) / 6
+    criterion = make_criterion(load_config(None, {"bce_loss": True, "bce_target_thresh": 0.2}))
+    assert criterion(logits, soft).item() == pytest.approx(by_hand, rel=1e-6)
+    plain = make_criterion(load_config(None, {"bce_loss": True}))(logits, soft).item()
+    assert plain != pytest.approx(by_hand, rel=1e-3)      # without the threshold the soft targets stay
 
 
 @pytest.mark.parametrize("line, problem", [

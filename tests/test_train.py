@@ -144,8 +144,8 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("recipe,expected", [
-    ("resnet50_catchup_300ep", ["opt: lamb", "bce_loss: true", "aa: rand-m7-mstd0.5-inc1", "aug_repeats: 3",
-                                "crop_pct: 0.95"]),
+    ("resnet50_catchup_300ep", ["opt: lamb", "bce_loss: true", "bce_target_thresh: 0.2", "aa: rand-m7-mstd0.5-inc1",
+                                "aug_repeats: 3", "crop_pct: 0.95"]),
     ("resnet50_cutmix_clovaai_300ep", ["opt: sgd", "mix: cutmix", "decay_milestones: [75, 150, 225]",
                                        "crop_pct: 0.875"])])
 def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path, recipe, expected):
