@@ -15,7 +15,7 @@ from catchup.analysis.landscape import filter_normalized_direction, landscape
 from catchup.errors import CatchupError
 from catchup.mix.catchup import catchup_mix
 from catchup.mix.plan import MixPlan, StageHooks
-from catchup.stages import resolve_stages
+from catchup.stages import feature_stages, resolve_stages
 from tests.helpers import run_train
 
 
@@ -175,6 +175,57 @@ def test_tracker_norms_equal_direct_autograd_norms_at_every_stage():
         act, grad = _direct_norms(model, stage, x, y)
         np.testing.assert_allclose(record["stages"][stage]["act_norm"], act, rtol=1e-5)
         np.testing.assert_allclose(record["stages"][stage]["grad_norm"], grad, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("family, channel_axis", [("swin", 3), ("mambaout", 3), ("vit", 2)])
+def test_tracker_finds_the_channels_of_nhwc_and_token_maps(family, channel_axis):
+    from tests.test_layouts import FAMILIES, create
+    name, kwargs, size, _ = FAMILIES[family]
+    model = create(name, kwargs)
+    stage = feature_stages(model)[2].module_name
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    kept = []
+    handle = dict(model.named_modules())[stage].register_forward_hook(lambda m, i, out: kept.append(out))
+    torch.manual_seed(1)     # stochastic depth draws the same in both forwards
+    loss = nn.functional.cross_entropy(model(x), y)
+    (grad,) = torch.autograd.grad(loss, kept[0])
+    handle.remove()
+    out = kept[0].detach()
+    by_hand = [[out.select(channel_axis, c)[b].norm().item() for c in range(out.shape[channel_axis])]
+               for b in range(3)]
+    grad_by_hand = [[grad.select(channel_axis, c)[b].norm().item() for c in range(out.shape[channel_axis])]
+                    for b in range(3)]
+    model.zero_grad(set_to_none=True)
+    tracker = FilterNormTracker(model, stages=[stage], every=1)
+    torch.manual_seed(1)
+    record = _tracked_step(model, tracker, x, y)
+    np.testing.assert_allclose(record["stages"][stage]["act_norm"], np.mean(by_hand, 0), rtol=1e-5)
+    np.testing.assert_allclose(record["stages"][stage]["grad_norm"], np.mean(grad_by_hand, 0), rtol=1e-4, atol=1e-10)
+
+
+def test_activation_maps_of_an_nhwc_stage_are_drawn_per_channel_and_token_maps_refused():
+    from catchup.analysis.activations import activation_figure, stage_output
+    from tests.test_layouts import FAMILIES, create
+    name, kwargs, size, _ = FAMILIES["swin"]
+    model = create(name, kwargs).eval()
+    stage = feature_stages(model)[2]
+    x, y = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    kept = []
+    handle = dict(model.named_modules())[stage.module_name].register_forward_hook(lambda m, i, out: kept.append(out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    feats, _ = stage_output(model, x, stage.module_name)
+    assert feats.shape[1] == stage.channels == kept[0].shape[3]
+    for c in (0, 5, stage.channels - 1):
+        assert torch.equal(feats[:, c], kept[0][..., c])     # channel c of the NHWC map, drawn as an h x w map
+    fig = activation_figure(model, x, y, mean=(0.5,) * 3, std=(0.5,) * 3, stage=stage.module_name, topk=2)
+    assert len(fig.axes) == 2 * (2 + 2 * 2)
+    name, kwargs, size, _ = FAMILIES["vit"]
+    vit = create(name, kwargs).eval()
+    with pytest.raises(CatchupError, match="not a spatial feature map"):
+        stage_output(vit, torch.randn(2, 3, size, size), feature_stages(vit)[1].module_name)
 
 
 def test_tracker_measures_the_mixed_output_whatever_the_hook_order():

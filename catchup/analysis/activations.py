@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from catchup.errors import CatchupError
-from catchup.stages import feature_stages
+from catchup.mix.layout import channels_first
+from catchup.stages import declared_format, feature_stages, infer_layout, model_label
 
 
 def default_stage(model: nn.Module) -> str:
@@ -45,7 +46,7 @@ def saliency(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def stage_output(model: nn.Module, x: Tensor, stage: str) -> tuple[Tensor, Tensor]:
-    """(the stage's feature map [N, C, h, w], the logits) from one no-grad forward."""
+    """(the stage's feature map as [N, C, h, w], NHWC stages permuted, and the logits) from one no-grad forward."""
     modules = dict(model.named_modules())
     if stage not in modules:
         names = ", ".join(s.module_name for s in feature_stages(model)[1:])
@@ -58,8 +59,13 @@ def stage_output(model: nn.Module, x: Tensor, stage: str) -> tuple[Tensor, Tenso
     finally:
         handle.remove()
     if not seen or seen[0].dim() != 4:
-        raise CatchupError(f"stage {stage!r} did not produce a [N, C, H, W] feature map")
-    return seen[0], logits
+        shape = tuple(seen[0].shape) if seen and isinstance(seen[0], Tensor) else None
+        raise CatchupError(f"stage {stage!r} outputs {shape or 'no tensor'}, not a spatial feature map "
+                           "([N, C, H, W] or [N, H, W, C]); activation maps cannot be drawn from it")
+    channels = {s.module_name: s.channels for s in feature_stages(model)[1:]}.get(stage) \
+        if getattr(model, "feature_info", None) else None
+    layout = infer_layout(seen[0].shape, channels, declared_format(model), f"model {model_label(model)}: {stage!r}")
+    return channels_first(seen[0], layout), logits
 
 
 def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

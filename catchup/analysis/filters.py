@@ -2,7 +2,8 @@
 
 Every ``every``-th optimizer step the tracker records, for each chosen stage, the L2 norm of every filter's
 activation map (over H x W, averaged over the batch) and the L2 norm of the loss gradient with respect to that
-map (same reduction). Slow-learning filters show up as a cloud of small activation norms whose gradients
+map (same reduction). Channels are found on the stage's own axis, as the mixers find them
+(``catchup.stages.infer_layout``): NHWC maps (Swin, MambaOut) and token maps (ViT: each token a position) work. Slow-learning filters show up as a cloud of small activation norms whose gradients
 shrink once the training accuracy saturates.
 
     tracker = FilterNormTracker(model, every=100)
@@ -53,7 +54,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from catchup.errors import CatchupError
-from catchup.stages import feature_stages, unwrap_model
+from catchup.mix.layout import channels_first
+from catchup.stages import declared_format, feature_stages, infer_layout, model_label, unwrap_model
 
 StepRecord = dict[str, Any]            # {"step": int, "stages": {name: {"act_norm": [C], "grad_norm": [C]}}}
 
@@ -90,7 +92,8 @@ class FilterNormTracker:
             raise CatchupError(f"every must be >= 1, got {every}")
         base = unwrap_model(model)
         modules = dict(base.named_modules())
-        names = list(stages) if stages is not None else [s.module_name for s in feature_stages(base)[1:]]
+        info_stages = feature_stages(base)[1:] if stages is None or getattr(base, "feature_info", None) else []
+        names = list(stages) if stages is not None else [s.module_name for s in info_stages]
         missing = [n for n in names if n not in modules]
         if missing:
             raise CatchupError(f"the model has no module {missing[0]!r} to track")
@@ -104,6 +107,10 @@ class FilterNormTracker:
         self._act: dict[str, _Sum] = {}
         self._grad: dict[str, _Sum] = {}
         self._channels: dict[str, int] = {}
+        # feature_info's channel count tells NCHW from NHWC (and tokens); a stage it does not list uses the
+        # model's declared output format, else timm's defaults (NCHW maps, NLC tokens)
+        self._known_channels = {s.module_name: s.channels for s in info_stages}
+        self._declared, self._label = declared_format(base), model_label(base)
         self.records: list[StepRecord] = []
         self._handles = [m.register_forward_hook(self._hook(n, m)) for n, m in zip(names, self._modules)]
 
@@ -163,11 +170,14 @@ class FilterNormTracker:
                 return None
             if not isinstance(output, torch.Tensor):
                 raise CatchupError(f"stage {name!r} outputs {type(output).__name__}, not a feature map")
-            self._act[name].add(filter_norms(output))
-            self._channels[name] = int(output.shape[1])
+            layout = infer_layout(output.shape, self._known_channels.get(name), self._declared,
+                                  f"model {self._label}: tracked stage {name!r}")
+            h = channels_first(output, layout)
+            self._act[name].add(filter_norms(h))
+            self._channels[name] = int(h.shape[1])
             if output.requires_grad:
                 grads = self._grad[name]    # bound now: a later step's reset must not receive this gradient
-                output.register_hook(lambda grad: grads.add(filter_norms(grad)))
+                output.register_hook(lambda grad: grads.add(filter_norms(channels_first(grad, layout))))
             return None
         return hook
 
