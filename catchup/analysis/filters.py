@@ -3,7 +3,8 @@
 Every ``every``-th optimizer step the tracker records, for each chosen stage, the L2 norm of every filter's
 activation map (over H x W, averaged over the batch) and the L2 norm of the loss gradient with respect to that
 map (same reduction). Channels are found on the stage's own axis, as the mixers find them
-(``catchup.stages.infer_layout``): NHWC maps (Swin, MambaOut) and token maps (ViT: each token a position) work. Slow-learning filters show up as a cloud of small activation norms whose gradients
+(``catchup.stages.infer_layout``): NHWC maps (Swin, MambaOut) and token maps (ViT: each token a position)
+are measured per channel too. Slow-learning filters show up as a cloud of small activation norms whose gradients
 shrink once the training accuracy saturates.
 
     tracker = FilterNormTracker(model, every=100)
