@@ -154,6 +154,22 @@ def test_models_whose_stages_cannot_be_hooked_are_refused_when_the_mixer_is_buil
     assert f"model {name}" in message and "mix_layers" in message and "\n" not in message
 
 
+def test_one_unhookable_feature_info_entry_refuses_only_the_layers_that_use_it():
+    model = timm.create_model("preactresnet18", width=4, num_classes=NUM_CLASSES)
+    info = [dict(e) for e in model.feature_info]
+    info[2]["module"] = "stages.9"          # layer 3 (the third entry) names a module the model lacks
+    model.feature_info = info
+    size = dict(input_size=(3, 32, 32), num_classes=NUM_CLASSES)
+    assert [s.module_name for s in build_mixer("alignmix", model, **size).stages] == [None, "stages.3"]
+    assert [s.module_name for s in build_mixer("moex", model, **size).stages] == ["stem"]
+    assert [s.module_name for s in build_mixer("catchup", model, layers=[0, 1, 4], **size).stages] == [
+        None, "stem", "stages.2"]
+    with pytest.raises(CatchupError, match="names 'stages.9', which is not a module"):
+        build_mixer("catchup", model, **size)                  # every layer: the bad one among them
+    with pytest.raises(CatchupError, match="names 'stages.9', which is not a module"):
+        build_mixer("catchup", model, layers=[3], **size)
+
+
 def test_the_named_fix_mixes_a_refused_model():
     model = create("hrnet_w18_small", {})
     for k, module in enumerate(["act2", "layer1", "stage2.0.branches.1"], start=1):

@@ -21,7 +21,7 @@ import torch
 
 from catchup.mix.mixer import Mixer, _check
 from catchup.mix.plan import MixPlan
-from catchup.stages import Stage, resolve_stages
+from catchup.stages import Stage, feature_stages
 
 __all__ = ["AlignMix", "alignmix", "sinkhorn_plan", "transport_cost"]
 
@@ -105,7 +105,7 @@ class AlignMix(Mixer):
 
     def _resolve_stages(self, model, layers, input_size) -> list[Stage]:
         if layers is None and model is not None:
-            layers = [0, len(resolve_stages(model)) - 1]
+            layers = [0, len(feature_stages(model)) - 1]    # counted only: resolve_stages checks these two
         return super()._resolve_stages(model, layers, input_size)
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:

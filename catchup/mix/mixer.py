@@ -22,7 +22,7 @@ from torch.utils.data import get_worker_info
 from catchup.errors import CatchupError
 from catchup.mix.batch import MixCollate, PlanHandover
 from catchup.mix.plan import MixPlan, StageHooks, soft_target
-from catchup.stages import Stage, probe_channels, resolve_stages, unwrap_model
+from catchup.stages import Stage, feature_stages, probe_channels, resolve_stages, unwrap_model
 
 
 def rand_box(rng: np.random.Generator, height: int, width: int, lam: float,
@@ -337,7 +337,7 @@ class Mixer:
         if model is None:
             raise CatchupError(f"method {self.name!r} mixes features: build it with the model")
         if layers is None and self.default_layers is not None:
-            available = len(resolve_stages(model))
+            available = len(feature_stages(model))    # counted only: the chosen ones are checked below
             layers = [k for k in self.default_layers if k < available]
         return probe_channels(model, resolve_stages(model, layers), input_size)
 
