@@ -318,6 +318,27 @@ def test_collate_plans_are_numbered_by_batch_so_workers_and_a_resume_replay_them
         assert resumed == reference[1:]
 
 
+def test_collate_in_spawned_workers_gives_the_same_batches_and_plans():
+    """spawn (macOS's default; forkserver, Linux's from Python 3.14, pickles the same way) sends each worker a
+    pickled collate_fn: the model's hooks cannot travel and must not need to."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 16, 16, generator=g), i % NUM_CLASSES) for i in range(24)]
+    runs = []
+    for workers, context in ((0, None), (2, "spawn")):
+        torch.manual_seed(0)
+        model = TinyNet()
+        mixer = build_mixer("catchup", model, seed=4, **mixup_args(prob=0.8))
+        loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=workers, collate_fn=mixer.collate,
+                                             multiprocessing_context=context)
+        runs.append([(x.as_subclass(torch.Tensor), target, model(x), mixer.last_plan) for x, target in loader])
+    for (x, target, out, plan), (x2, target2, out2, plan2) in zip(*runs, strict=True):
+        assert torch.equal(x, x2) and torch.equal(target, target2) and torch.allclose(out, out2)
+        assert (plan is None) == (plan2 is None)
+        if plan is not None:
+            assert (plan.layer, plan.lam, plan.index.tolist()) == (plan2.layer, plan2.lam, plan2.index.tolist())
+    assert {p.layer for *_, p in runs[1] if p is not None} - {0}     # a feature layer mixed in the main process
+
+
 @pytest.mark.parametrize("mode", ["elem", "pair"])
 @pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
 def test_per_sample_and_per_pair_modes_of_the_input_methods(mode, switch_prob):

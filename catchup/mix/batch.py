@@ -65,6 +65,12 @@ class MixCollate(FastCollateMixup):
     def __init__(self, mixer: Mixer):    # FastCollateMixup.__init__ is not called: the mixer holds the settings
         self.mixer = mixer
 
+    def __getstate__(self) -> dict:
+        """What a worker started by spawn or forkserver (macOS's default, and Linux's from Python 3.14) receives:
+        the mixer's settings and stream, not the model and its hooks (local functions cannot be pickled, and
+        the plan's hooks fire in the main process). Forked workers copy the process instead."""
+        return {"mixer": self.mixer.for_worker()}
+
     @property
     def mixup_enabled(self) -> bool:
         return self.mixer.mixup_enabled

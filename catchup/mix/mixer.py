@@ -11,6 +11,7 @@ the plan by ``plan.soft_target``) are shared.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 
@@ -192,6 +193,12 @@ class Mixer:
                 self._handover = PlanHandover(self.model, self._take_plan)
             self._collate = MixCollate(self)
         return self._collate
+
+    def for_worker(self) -> "Mixer":
+        """A copy that samples plans and mixes inputs (a DataLoader worker's share) without the model or hooks."""
+        worker = copy.copy(self)
+        worker.model, worker.hooks, worker._handover, worker._collate = None, None, None, None
+        return worker
 
     def feature_plan_template(self) -> MixPlan | None:
         """A feature plan drawn from a throwaway stream (the mixer's own is left as it was): the keys, shapes
