@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
@@ -145,7 +145,9 @@ def deformation_suite(model: nn.Module, run: RunData, options: EvalOptions, acce
 
     The random rotations and shears are drawn ``options.deform_draws`` times (the fixed zooms once, std 0).
     Each eval image gets its own matrix, drawn up front in dataset order from a seeded generator, so the
-    numbers are the same whatever the number of processes and however the loader shards the set.
+    numbers are the same whatever the number of processes and however the loader shards the set. A streamed
+    eval set (WebDataset shards) has no dataset order: its images take the matrices in the order each loader
+    worker streams them, reproducible for the same processes and workers.
     """
     means, stds, draws = {}, {}, {}
     for k, name in enumerate(DEFORMATIONS):
@@ -154,7 +156,9 @@ def deformation_suite(model: nn.Module, run: RunData, options: EvalOptions, acce
         for draw in range(1 if spec.kind == "zoom" else options.deform_draws):
             generator = torch.Generator().manual_seed(options.seed * 1_000_003 + k * 1009 + draw * 100_003)
             matrices = sample_matrices(spec, len(run.eval_set), generator)
-            loader = _loader(_Deformed(run.eval_set, matrices, options.deform_centre), options, accelerator)
+            deformed = (_DeformedStream if isinstance(run.eval_set, IterableDataset) else _Deformed)(
+                run.eval_set, matrices, options.deform_centre)
+            loader = _loader(deformed, options, accelerator)
             logits, targets = evaluate_logits(model, _bar(loader, accelerator, name), accelerator.device,
                                               gather=accelerator.gather_for_metrics)
             values.append(_top1(logits, targets))
@@ -176,6 +180,24 @@ class _Deformed(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
         x, y = self.dataset[index]
         return warp_batch(x[None], self.matrices[index:index + 1], self.centre)[0], y
+
+
+class _DeformedStream(IterableDataset):
+    """A streamed eval set whose i-th image in a loader worker's stream is warped with the matrix at that
+    worker's i-th place (workers interleave: no two share a matrix)."""
+
+    def __init__(self, dataset: IterableDataset, matrices: Tensor, centre: str = "true") -> None:
+        self.dataset, self.matrices, self.centre = dataset, matrices, centre
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        workers, first = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        for i, (x, y) in enumerate(self.dataset):
+            k = (first + i * workers) % len(self.matrices)
+            yield warp_batch(x[None], self.matrices[k:k + 1], self.centre)[0], y
 
 
 class _Tagged(Dataset):

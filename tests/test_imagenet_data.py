@@ -392,3 +392,27 @@ def test_loader_benchmark_sizes_workers_from_its_own_rates(tmp_path):
         assert row["images_per_s"] > 0 and row["workers_for_gpu"] == math.ceil(1000 / row["images_per_s"])
     assert json.loads((tmp_path / "l.json").read_text())["gpu_images_per_s"] == 1000
     assert 300 * 1024 > result["jpeg_mean_kb"] * 1024 > 10 * 1024        # real JPEGs, not flat colour
+
+
+def test_evaluate_runs_every_suite_on_webdataset_shards_as_on_the_same_image_folder(folders, tmp_path):
+    """A streamed eval set has no indices: the deformation suite warps it in stream order, which for one process
+    and no loader workers is the folder's order, so both give the same numbers."""
+    import shutil
+
+    import yaml
+
+    from evaluate import main as evaluate
+    run = tmp_path / "wds_run"
+    run_train(run, *QUICK, "--dataset", "wds/tiny", "--data-dir", str(write_wds(folders, tmp_path / "wds")),
+              "--epochs", "1")
+    as_folder = tmp_path / "folder_run"
+    shutil.copytree(run, as_folder, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    cfg = yaml.safe_load((as_folder / "config.yaml").read_text())
+    cfg.update(dataset="imagefolder", data_dir=str(folders))
+    (as_folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    reports = [evaluate([str(r), "--suite", "clean,fgsm,deformation,reliance", "--deform-draws", "2",
+                         "--workers", "0", "--output", str(tmp_path / f"eval_{r.name}")]) for r in (run, as_folder)]
+    wds, folder = (json.loads((r / "report.json").read_text())["results"][0] for r in reports)
+    assert wds["dataset"] == "wds/tiny" and folder["dataset"] == "imagefolder" and wds["n"] == folder["n"] == 6
+    assert wds["clean"] == pytest.approx(folder["clean"]) and wds["fgsm"] == folder["fgsm"]
+    assert wds["deformation_draws"] == folder["deformation_draws"] and wds["reliance"] == folder["reliance"]
