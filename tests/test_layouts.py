@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from catchup import CatchupError, build_mixer
+from catchup.mix.alignmix import alignmix
 from catchup.stages import infer_layout
 
 NUM_CLASSES = 3
@@ -128,7 +129,7 @@ def test_catchup_swaps_whole_channels_of_the_right_axis_at_every_layer(family):
 
 
 @pytest.mark.parametrize("family, layer", [("swin", 2), ("mambaout", 3), ("vit", 2), ("deit", 1), ("levit", 1)])
-def test_moex_and_manifold_act_on_the_channel_axis(family, layer):
+def test_moex_manifold_and_alignmix_act_on_the_channel_axis(family, layer):
     name, kwargs, size, layout = FAMILIES[family]
     axis = CHANNEL_AXIS[layout]
     model = create(name, kwargs)
@@ -139,6 +140,12 @@ def test_moex_and_manifold_act_on_the_channel_axis(family, layer):
     assert torch.allclose(after, expected, atol=1e-5)
     stage, h, after, plan, _, _ = mix_once("manifold", model, layer, size, seed=2)
     assert torch.allclose(after, plan.lam * h + (1 - plan.lam) * h[plan.index], atol=1e-6)
+    # AlignMix aligns positions (rows) described by their channels (features): the channel axis moved to 1
+    # is what alignmix() takes; checked against a hand computation in test_baselines
+    for seed in (2, 3):     # directions 0 and 1 of the alignment
+        stage, h, after, plan, _, _ = mix_once("alignmix", model, layer, size, seed=seed)
+        expected = alignmix(h.movedim(axis, 1), plan.index, plan.extras["lam"], plan.extras["direction"])
+        assert torch.allclose(after, expected.movedim(1, axis), atol=1e-5)
 
 
 @pytest.mark.parametrize("name, kwargs, size, problem", [
