@@ -53,17 +53,19 @@ def _hooked(module: nn.Module) -> bool:
 def compile_model(model: nn.Module, backend: Backend, mixer=None) -> str:
     """Compile ``model`` in place for training with ``mixer`` (register every hook first); says how."""
     hooks = getattr(mixer, "hooks", None)
-    own = hooks.handle_ids() if hooks is not None else set()
-    inner = [m for m in model.modules() if m is not model and _hooked(m)]
-    foreign = any(set(m._forward_hooks) - own or m._forward_pre_hooks for m in inner)
     template = mixer.feature_plan_template() if hooks is not None else None
-    if foreign or (template is not None and not all(isinstance(v, torch.Tensor) for v in template.extras.values())):
-        regions = compile_regions(model, backend)
-        return f"{len(regions)} compiled regions around the hooked modules"
+    plans_are_tensors = template is None or all(isinstance(v, torch.Tensor) for v in template.extras.values())
+    if _other_hooks(model, hooks.handle_ids() if hooks is not None else set()) or not plans_are_tensors:
+        return f"{len(compile_regions(model, backend))} compiled regions around the hooked modules"
     if hooks is not None:
         hooks.use_one_graph(template)
     compile_whole(model, backend)
     return "one compiled graph" + (" (mixing through torch.cond at each stage)" if hooks is not None else "")
+
+
+def _other_hooks(model: nn.Module, own: set[int]) -> bool:
+    """Whether a module inside the model has a forward hook other than ``own`` (handle ids) or a pre-hook."""
+    return any(set(m._forward_hooks) - own or m._forward_pre_hooks for m in model.modules() if m is not model)
 
 
 def compile_whole(model: nn.Module, backend: Backend = "inductor", **options) -> None:
