@@ -258,6 +258,8 @@ def parse_args(argv):
                    help="also run evaluate.py on each run; its numbers join the table")
     p.add_argument("--eval-suite", default="clean,fgsm,deformation", help="evaluate.py --suite for --evaluate")
     p.add_argument("--eval-args", default="", help="extra evaluate.py arguments, one string")
+    p.add_argument("--baseline", default=None, metavar="KEY=VALUE",
+                   help="add each point's last top-1 minus this grid point's, seed by seed (e.g. mix=none)")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild the table from the run folders")
     return p.parse_known_args(argv)
 
@@ -269,6 +271,7 @@ def main(argv=None) -> int:
     if "--output" in fixed or any(a.startswith("--output=") for a in fixed):
         raise CatchupError("--output is the sweep folder; each run's output is set by the sweep")
     grid = parse_grid(args.grid)
+    baseline = _baseline(args.baseline, grid, args.seed_key)
     points = grid_points(grid, args.output / "runs", args.seed_key)
     for point in points:   # every recipe is checked before anything starts
         load_config(args.config, [*point_overrides(point), *fixed])
@@ -285,11 +288,22 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
     rows = collect_runs(points, [k for k in grid if k != args.seed_key], args.seed_key)
-    paths = write_tables(rows, args.output, [k for k in grid if k != args.seed_key], args.seed_key)
+    paths = write_tables(rows, args.output, [k for k in grid if k != args.seed_key], args.seed_key, baseline)
     print(f"table of {len(rows)} finished runs: {', '.join(str(p) for p in paths)}")
     for point, detail in failed:
         print(f"failed: {point.label()} ({detail})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _baseline(text: str | None, grid: dict[str, list[str]], seed_key: str) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    key, _, value = text.partition("=")
+    if key not in grid or key == seed_key or value not in grid[key]:
+        example = next((f"{k}={v[0]}" for k, v in grid.items() if k != seed_key), "mix=none")
+        raise CatchupError(f"--baseline {text}: name a grid key other than {seed_key} and one of its values, "
+                           f"e.g. --baseline {example}")
+    return key, value
 
 
 def _interrupt(signum, frame) -> None:

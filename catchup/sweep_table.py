@@ -1,6 +1,9 @@
 """A sweep's table: every finished run's results.json (and eval/report.json), then mean +- std over seeds.
 
 Standard deviations are sample standard deviations (n - 1 in the denominator); with one seed there is none.
+With a baseline (``--baseline mix=none``) each grid point also gets its last top-1 minus the baseline run's with
+the same seed and other keys: where seeds change the data (a training subset), pairing takes out what two runs of
+one seed share, so a difference can stand out that the spread over seeds would hide.
 """
 from __future__ import annotations
 
@@ -67,12 +70,31 @@ def _number_columns(rows: list[dict[str, Any]], skip: set[str]) -> list[str]:
     return [c for c in columns if c not in skip]
 
 
-def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: str) -> list[dict[str, Any]]:
-    """Rows grouped by the non-seed grid keys (first-seen order): n, seeds, and <col>_mean / <col>_std."""
+def paired_differences(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: str,
+                       baseline: tuple[str, str], metric: str = "last") -> dict[tuple, list[float]]:
+    """Per grid point (but the baseline's own): its ``metric`` minus the baseline run's of the same seed and the
+    same other keys, one difference per seed both have."""
+    key, value = baseline
+    by_run = {(tuple(str(r[k]) for k in group_keys), str(r[seed_key])): r for r in rows}
+    diffs: dict[tuple, list[float]] = {}
+    for (group, seed), row in by_run.items():
+        base_group = tuple(value if k == key else v for k, v in zip(group_keys, group))
+        base = by_run.get((base_group, seed))
+        if group != base_group and base is not None and all(
+                isinstance(r.get(metric), (int, float)) for r in (row, base)):
+            diffs.setdefault(group, []).append(row[metric] - base[metric])
+    return diffs
+
+
+def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: str,
+              baseline: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows grouped by the non-seed grid keys (first-seen order): n, seeds, <col>_mean / <col>_std, and with a
+    baseline ``paired_mean`` / ``paired_std`` / ``paired_wins`` (last top-1 minus the baseline's, per seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
     columns = _number_columns(rows, {"run", seed_key, *group_keys})
+    paired = paired_differences(rows, group_keys, seed_key, baseline) if baseline else {}
     table = []
     for key, members in groups.items():
         out: dict[str, Any] = dict(zip(group_keys, key))
@@ -82,6 +104,11 @@ def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: s
             values = [m[col] for m in members if isinstance(m.get(col), (int, float))]
             out[f"{col}_mean"] = statistics.fmean(values) if values else None
             out[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        if baseline:
+            diffs = paired.get(tuple(str(k) for k in key), [])
+            out["paired_mean"] = statistics.fmean(diffs) if diffs else None
+            out["paired_std"] = statistics.stdev(diffs) if len(diffs) > 1 else None
+            out["paired_wins"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs else ""
         table.append(out)
     return table
 
@@ -101,22 +128,30 @@ def _cell(mean: float | None, std: float | None, bold: bool) -> str:
     return f"**{text}**" if bold else text
 
 
-def markdown(table: list[dict[str, Any]], group_keys: Sequence[str]) -> str:
-    """Mean ± std per grid point; the highest mean of each top-1 column in bold."""
+def markdown(table: list[dict[str, Any]], group_keys: Sequence[str], baseline: tuple[str, str] | None = None) -> str:
+    """Mean ± std per grid point; the highest mean of each top-1 column in bold; with a baseline, the paired
+    difference of last top-1 and how many seeds it was above 0."""
     if not table:
         return "(no finished runs yet)\n"
     standard = (*METRICS.values(), "train_min", "cpu_min")
     present = [c for c in standard if any(r.get(f"{c}_mean") is not None for r in table)]
-    extra = [c[:-5] for c in table[0] if c.endswith("_mean") and c[:-5] not in standard]
+    extra = [c[:-5] for c in table[0] if c.endswith("_mean") and c[:-5] not in (*standard, "paired")]
     columns = present + extra
     best = {c: max(r[f"{c}_mean"] for r in table if r.get(f"{c}_mean") is not None) for c in METRICS.values()
             if c in present}
     header = [*group_keys, "seeds", *(_TITLES.get(c, c) for c in columns)]
+    if baseline:
+        header.append(f"last − {baseline[1]}, same seed (above 0)")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in table:
         cells = [str(r[k]) for k in group_keys] + [str(r["n"])]
         cells += [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), c in best and r.get(f"{c}_mean") == best[c])
                   for c in columns]
+        if baseline:
+            diff = r.get("paired_mean")
+            cells.append("" if diff is None else f"{diff:+.2f}" + ("" if r["paired_std"] is None
+                                                                  else f" ± {r['paired_std']:.2f}")
+                         + f" ({r['paired_wins']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -152,13 +187,13 @@ def plot(table: list[dict[str, Any]], group_keys: Sequence[str], path: Path) -> 
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence[str],
-                 seed_key: str = "seed") -> list[Path]:
+                 seed_key: str = "seed", baseline: tuple[str, str] | None = None) -> list[Path]:
     """runs.csv (one row per run), table.csv / table.md (mean ± std per grid point) and table.png."""
-    table = aggregate(rows, group_keys, seed_key)
+    table = aggregate(rows, group_keys, seed_key, baseline)
     paths = [out_dir / "runs.csv", out_dir / "table.csv", out_dir / "table.md"]
     _write_csv(paths[0], rows)
     _write_csv(paths[1], table)
-    paths[2].write_text(markdown(table, group_keys))
+    paths[2].write_text(markdown(table, group_keys, baseline))
     if any(r.get(f"{c}_mean") is not None for r in table for c in METRICS.values()):
         paths.append(plot(table, group_keys, out_dir / "table.png"))
     else:

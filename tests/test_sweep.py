@@ -138,6 +138,25 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     assert collect.returncode == 0, collect.stderr
     assert (out / "table.csv").read_text() == before
 
+    # --baseline: cutmix's last top-1 minus none's of the same seed, by hand
+    paired = subprocess.run([*_sweep_command(out, jobs=1), "--collect", "--baseline", "mix=none"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert paired.returncode == 0, paired.stderr
+    last = {(mix, s): json.loads((runs / f"mix={mix}_seed={s}" / "results.json").read_text())["last_top1"]
+            for mix in ("none", "cutmix") for s in (0, 1)}
+    diffs = [last["cutmix", s] - last["none", s] for s in (0, 1)]
+    mean, std = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / math.sqrt(2)
+    with (out / "table.csv").open() as f:
+        table = {row["mix"]: row for row in csv.DictReader(f)}
+    assert float(table["cutmix"]["paired_mean"]) == pytest.approx(mean, abs=1e-9)
+    assert float(table["cutmix"]["paired_std"]) == pytest.approx(std, abs=1e-9)
+    assert table["cutmix"]["paired_wins"] == f"{sum(d > 0 for d in diffs)}/2" and table["none"]["paired_mean"] == ""
+    assert f"{mean:+.2f} ± {std:.2f} ({sum(d > 0 for d in diffs)}/2)" in (out / "table.md").read_text()
+    assert "last − none, same seed" in (out / "table.md").read_text()
+    refused = subprocess.run([*_sweep_command(out, jobs=1), "--collect", "--baseline", "mix=mixup"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--baseline mix=mixup: name a grid key" in refused.stderr
+
 
 def test_evaluate_adds_the_reports_numbers_to_the_table(tmp_path):
     out = tmp_path / "sweep"
