@@ -186,6 +186,30 @@ def plot(table: list[dict[str, Any]], group_keys: Sequence[str], path: Path) -> 
     return _save(fig, path)
 
 
+def plot_paired(diffs: dict[tuple, list[float]], table: list[dict[str, Any]], group_keys: Sequence[str],
+                baseline: tuple[str, str], path: Path) -> Path:
+    """Each point's last top-1 minus the baseline's, seed by seed: one dot per seed, the mean as a bar with a
+    one-std error bar, and the zero line."""
+    import numpy as np
+
+    from catchup.robustness.plots import _new_figure, _save
+
+    shown = [r for r in table if tuple(str(r[k]) for k in group_keys) in diffs]
+    fig = _new_figure(max(6.0, 0.6 * len(shown) + 2), 4.0)
+    ax = fig.add_subplot()
+    for i, r in enumerate(shown):
+        values = diffs[tuple(str(r[k]) for k in group_keys)]
+        ax.bar(i, r["paired_mean"], 0.6, yerr=r["paired_std"] or 0.0, capsize=3, color="tab:blue", alpha=0.6,
+               error_kw={"ecolor": "gray"})
+        ax.scatter(np.full(len(values), i), values, color="black", s=12, zorder=3)
+    ax.axhline(0.0, color="gray", linewidth=1)
+    ax.set_xticks(range(len(shown)), [" ".join(str(r[k]) for k in group_keys) for r in shown], rotation=30,
+                  ha="right")
+    ax.set_ylabel(f"last top-1 minus {baseline[1]}'s, same seed (points)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence[str],
                  seed_key: str = "seed", baseline: tuple[str, str] | None = None) -> list[Path]:
     """runs.csv (one row per run), table.csv / table.md (mean ± std per grid point) and table.png."""
@@ -198,4 +222,9 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence
         paths.append(plot(table, group_keys, out_dir / "table.png"))
     else:
         (out_dir / "table.png").unlink(missing_ok=True)   # no stale plot beside a table without numbers
+    diffs = paired_differences(rows, group_keys, seed_key, baseline) if baseline else {}
+    if diffs:
+        paths.append(plot_paired(diffs, table, group_keys, baseline, out_dir / "table_paired.png"))
+    else:
+        (out_dir / "table_paired.png").unlink(missing_ok=True)
     return paths

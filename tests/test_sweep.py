@@ -153,6 +153,7 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     assert table["cutmix"]["paired_wins"] == f"{sum(d > 0 for d in diffs)}/2" and table["none"]["paired_mean"] == ""
     assert f"{mean:+.2f} ± {std:.2f} ({sum(d > 0 for d in diffs)}/2)" in (out / "table.md").read_text()
     assert "last − none, same seed" in (out / "table.md").read_text()
+    assert (out / "table_paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     refused = subprocess.run([*_sweep_command(out, jobs=1), "--collect", "--baseline", "mix=mixup"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--baseline mix=mixup: name a grid key" in refused.stderr
