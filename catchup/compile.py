@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from catchup.errors import CatchupError
+from catchup.stages import memory_format_of
 
 Backend = str | Callable
 
@@ -84,8 +85,7 @@ def compile_whole(model: nn.Module, backend: Backend = "inductor", **options) ->
 
 
 def _channels_last(model: nn.Module) -> bool:
-    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in model.parameters())
+    return any(memory_format_of(p) == torch.channels_last for p in model.parameters())
 
 
 def compile_regions(model: nn.Module, backend: Backend = "inductor", **options) -> list[str]:
@@ -156,13 +156,8 @@ def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     missing = size - x.shape[0]
     if missing <= 0:
         return x
-    return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])]).contiguous(memory_format=_format(x))
+    return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])]).contiguous(memory_format=memory_format_of(x))
 
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class PaddedEval(nn.Module):

@@ -192,6 +192,13 @@ def infer_layout(shape: Sequence[int], channels: int | None, declared: str | Non
     return default if default in fits else fits[0]
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor stored NHWC (and not also plainly contiguous), else contiguous_format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def stage_layout(stage: Stage, shape: Sequence[int], model: nn.Module) -> str:
     """The stage's probed layout, or (for a model built without an input size) the one this output shows."""
     if stage.layout is not None:

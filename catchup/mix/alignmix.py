@@ -21,7 +21,7 @@ import torch
 
 from catchup.mix.mixer import Mixer, _check
 from catchup.mix.plan import MixPlan
-from catchup.stages import Stage, feature_stages
+from catchup.stages import Stage, feature_stages, memory_format_of
 
 __all__ = ["AlignMix", "alignmix", "sinkhorn_plan", "transport_cost"]
 
@@ -81,9 +81,7 @@ def alignmix(h: torch.Tensor, index: torch.Tensor, lam: float | torch.Tensor, di
     else:
         mixed = (feat @ assignment) * lam + partner * (1.0 - lam)
     out = mixed.reshape(h.shape)
-    if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return out.contiguous(memory_format=memory_format_of(h))
 
 
 class AlignMix(Mixer):

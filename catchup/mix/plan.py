@@ -16,7 +16,7 @@ from torch import nn
 
 from catchup.errors import CatchupError
 from catchup.mix.layout import channels_first, restore_layout
-from catchup.stages import Stage, stage_layout, unwrap_model
+from catchup.stages import Stage, memory_format_of, stage_layout, unwrap_model
 
 
 @dataclass
@@ -154,10 +154,10 @@ class StageHooks:
             plan = MixPlan(layer, math.nan, index, math.nan, dict(zip(slots.extras, extras)))
             layout = stage_layout(stage, h.shape, self.model)
             return _standard_strides(restore_layout(self.mix_fn(channels_first(h, layout), plan), layout, like=h),
-                                     _memory_format(h))
+                                     memory_format_of(h))
 
         def unchanged(h: torch.Tensor, index: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-            return h.clone(memory_format=_memory_format(h))
+            return h.clone(memory_format=memory_format_of(h))
 
         def hook(module: nn.Module, inputs, output):
             if not module.training or module is not stage_module:
@@ -186,12 +186,6 @@ class StageHooks:
             h.remove()
         self._handles.clear()
         self.plan = None
-
-
-def _memory_format(h: torch.Tensor) -> torch.memory_format:
-    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _standard_strides(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
