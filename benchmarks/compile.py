@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import overhead  # noqa: E402
-from catchup.compile import compile_model, compile_regions  # noqa: E402
+from catchup.compile import compile_model, compile_regions, compile_whole  # noqa: E402
 from catchup.errors import CatchupError  # noqa: E402
 from catchup.mix import build_mixer  # noqa: E402
 
@@ -83,22 +82,17 @@ def check(args: argparse.Namespace) -> None:
         raise CatchupError("--device cuda: no CUDA device is available")
 
 
-def compile_whole(model: torch.nn.Module, backend: str, hooks_as_breaks: bool) -> None:
-    """The designs ``compile_regions`` was measured against: ``torch.compile`` of the whole model's forward with
-    the stage hooks traced into it (dynamo guards on the plan's layer: one graph per layer), or with each hook
-    wrapped in ``torch.compiler.disable`` (a graph break at every hooked module, nested breaks resumed)."""
+def compile_traced_hooks(model: torch.nn.Module, backend: str, hooks_as_breaks: bool) -> None:
+    """Earlier designs, measured against: ``torch.compile`` of the whole model's forward with the plain stage
+    hooks traced into it (dynamo guards on the plan's layer: one graph per layer), or with each hook wrapped in
+    ``torch.compiler.disable`` (a graph break at every hooked module, nested breaks resumed)."""
     if hooks_as_breaks:
         torch._dynamo.config.nested_graph_breaks = True
         for module in model.modules():
             for key, hook in list(module._forward_hooks.items()):
                 module._forward_hooks[key] = torch.compiler.disable(hook)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    func = type(model).forward
-    # A code object of its own: dynamo caches compiled code per code object and does not guard on module
-    # hooks, so the hook-less "none compiled" model's graph would otherwise be reused and skip the mixing.
-    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
-                             func.__closure__)
-    model.forward = types.MethodType(torch.compile(own, backend=backend, dynamic=False), model)
+    compile_whole(model, backend)
 
 
 def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
@@ -126,7 +120,7 @@ def measure(args: argparse.Namespace, memory: bool = False) -> dict[str, Any]:
                             input_size=(3, args.input_size, args.input_size))
         mixer.enabled = not name.startswith("none")
         if compiled in ("traced", "breaks"):
-            compile_whole(model, args.backend, hooks_as_breaks=compiled == "breaks")
+            compile_traced_hooks(model, args.backend, hooks_as_breaks=compiled == "breaks")
         elif compiled == "regions":
             compile_regions(model, args.backend)
         elif compiled:

@@ -192,6 +192,13 @@ def infer_layout(shape: Sequence[int], channels: int | None, declared: str | Non
     return default if default in fits else fits[0]
 
 
+def stage_channels(model: nn.Module) -> dict[str, int]:
+    """{module name: channel count} of the model's feature_info stages; empty for a model without one."""
+    if not getattr(unwrap_model(model), "feature_info", None):
+        return {}
+    return {s.module_name: s.channels for s in feature_stages(model)[1:]}
+
+
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-d tensor stored NHWC (and not also plainly contiguous), else contiguous_format."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):

@@ -209,14 +209,14 @@ def test_benchmarks_whole_model_design_mixes_and_compiles_once_per_layer():
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
     plain = tiny_model()
-    compile_bench.compile_whole(plain, backend, hooks_as_breaks=False)
+    compile_bench.compile_traced_hooks(plain, backend, hooks_as_breaks=False)
     plain(x)
     assert backend.frame_count == 1
     model = tiny_model()
     eager = copy.deepcopy(model)
     mixer = build_mixer("catchup", model, num_classes=10, input_size=(1, 8, 8), seed=3)
     eager_mixer = build_mixer("catchup", eager, num_classes=10, input_size=(1, 8, 8), seed=3)
-    compile_bench.compile_whole(model, backend, hooks_as_breaks=False)
+    compile_bench.compile_traced_hooks(model, backend, hooks_as_breaks=False)
     for rounds in range(2):
         for layer in [None, 0, 1, 2, 3, 4, 5]:
             for m in (mixer, eager_mixer):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from catchup.errors import CatchupError
 from catchup.mix.layout import channels_first
-from catchup.stages import declared_format, feature_stages, infer_layout, model_label
+from catchup.stages import declared_format, feature_stages, infer_layout, model_label, stage_channels
 
 
 def default_stage(model: nn.Module) -> str:
@@ -62,9 +62,8 @@ def stage_output(model: nn.Module, x: Tensor, stage: str) -> tuple[Tensor, Tenso
         shape = tuple(seen[0].shape) if seen and isinstance(seen[0], Tensor) else None
         raise CatchupError(f"stage {stage!r} outputs {shape or 'no tensor'}, not a spatial feature map "
                            "([N, C, H, W] or [N, H, W, C]); activation maps cannot be drawn from it")
-    channels = {s.module_name: s.channels for s in feature_stages(model)[1:]}.get(stage) \
-        if getattr(model, "feature_info", None) else None
-    layout = infer_layout(seen[0].shape, channels, declared_format(model), f"model {model_label(model)}: {stage!r}")
+    layout = infer_layout(seen[0].shape, stage_channels(model).get(stage), declared_format(model),
+                          f"model {model_label(model)}: {stage!r}")
     return channels_first(seen[0], layout), logits
 
 

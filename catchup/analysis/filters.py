@@ -56,7 +56,8 @@ from torch import nn
 
 from catchup.errors import CatchupError
 from catchup.mix.layout import channels_first
-from catchup.stages import declared_format, feature_stages, infer_layout, model_label, unwrap_model
+from catchup.stages import (declared_format, feature_stages, infer_layout, model_label, stage_channels,
+                            unwrap_model)
 
 StepRecord = dict[str, Any]            # {"step": int, "stages": {name: {"act_norm": [C], "grad_norm": [C]}}}
 
@@ -93,8 +94,7 @@ class FilterNormTracker:
             raise CatchupError(f"every must be >= 1, got {every}")
         base = unwrap_model(model)
         modules = dict(base.named_modules())
-        info_stages = feature_stages(base)[1:] if stages is None or getattr(base, "feature_info", None) else []
-        names = list(stages) if stages is not None else [s.module_name for s in info_stages]
+        names = list(stages) if stages is not None else [s.module_name for s in feature_stages(base)[1:]]
         missing = [n for n in names if n not in modules]
         if missing:
             raise CatchupError(f"the model has no module {missing[0]!r} to track")
@@ -110,7 +110,7 @@ class FilterNormTracker:
         self._channels: dict[str, int] = {}
         # feature_info's channel count tells NCHW from NHWC (and tokens); a stage it does not list uses the
         # model's declared output format, else timm's defaults (NCHW maps, NLC tokens)
-        self._known_channels = {s.module_name: s.channels for s in info_stages}
+        self._known_channels = stage_channels(base)
         self._declared, self._label = declared_format(base), model_label(base)
         self.records: list[StepRecord] = []
         self._handles = [m.register_forward_hook(self._hook(n, m)) for n, m in zip(names, self._modules)]

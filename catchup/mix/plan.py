@@ -99,11 +99,16 @@ class StageHooks:
     def handle_ids(self) -> set[int]:
         return {h.id for h in self._handles}
 
+    @staticmethod
+    def fits_one_graph(template: MixPlan) -> bool:
+        """Whether plans like ``template`` can be read from tensors alone (every extra is a tensor)."""
+        return all(isinstance(v, torch.Tensor) for v in template.extras.values())
+
     def use_one_graph(self, template: MixPlan) -> None:
         """Read plans from ``PlanSlots`` through ``torch.cond(layer == k, mix, copy)`` at every stage, so a model
         compiled whole has one training graph. Feature mixing may then read only ``plan.index`` and the
         tensors of ``plan.extras`` (``template``'s keys, shapes and dtypes): Python values would be baked in."""
-        if not all(isinstance(v, torch.Tensor) for v in template.extras.values()):
+        if not self.fits_one_graph(template):
             raise CatchupError("one-graph mixing needs plans whose extras are all tensors")
         self.slots = PlanSlots(dict(template.extras))
         modules = dict(self.model.named_modules())
