@@ -134,7 +134,9 @@ def probe_channels(model: nn.Module, stages: list[Stage], input_size: Sequence[i
             seen.setdefault(name, output.shape if isinstance(output, torch.Tensor) else type(output).__name__)
         return hook
 
-    handles = [modules[s.module_name].register_forward_hook(record(s.module_name)) for s in named]
+    # A Sequential stage is also recorded at its last module, which gradient checkpointing calls in its place
+    handles = [m.register_forward_hook(record(s.module_name)) for s in named
+               for m in {modules[s.module_name], sequential_tail(modules[s.module_name])}]
     param = next(base.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = base.training
@@ -158,6 +160,9 @@ def probe_channels(model: nn.Module, stages: list[Stage], input_size: Sequence[i
             continue
         where = f"model {model_label(base)}: module {s.module_name!r}"
         out = seen.get(s.module_name)
+        if out is None and getattr(base, "grad_checkpointing", False):
+            raise CatchupError(f"{where} is never called by the forward: gradient checkpointing (timm's "
+                               "--grad-checkpointing) bypasses it; turn it off or leave this layer out of mix_layers")
         if out is None:
             raise CatchupError(f"{where} is never called by the forward, so a hook on it cannot mix; {MIX_LAYERS_FIX}")
         if isinstance(out, str):
@@ -166,6 +171,13 @@ def probe_channels(model: nn.Module, stages: list[Stage], input_size: Sequence[i
         channels = s.channels if s.channels is not None else int(out[CHANNEL_DIM[layout]])
         probed.append(Stage(s.layer, s.module_name, channels, layout))
     return probed
+
+
+def sequential_tail(module: nn.Module) -> nn.Module:
+    """The module whose output a (nested) nn.Sequential returns: its last module, followed down."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return module
 
 
 def infer_layout(shape: Sequence[int], channels: int | None, declared: str | None = None,

@@ -241,15 +241,16 @@ class ChannelsLastNet(nn.Module):
         return self.head(self.stage(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
 
 
-def test_a_model_without_input_size_gets_its_layout_from_the_first_mixed_output():
+def test_a_model_without_input_size_learns_its_layout_from_the_first_batch():
     model = ChannelsLastNet()
     mixer = build_mixer("catchup", model, num_classes=NUM_CLASSES, layers=[1], seed=3)
-    assert mixer.stages[0].layout is None                 # nothing to probe with
+    assert mixer.stages[0].layout is None                 # nothing to probe with yet
     seen = {}
-    model.stage.register_forward_hook(lambda m, i, o: seen.setdefault("before", o.detach().clone()), prepend=True)
-    model.stage.register_forward_hook(lambda m, i, o: seen.setdefault("after", o.detach().clone()))
     x, y = inputs(7)
     _, soft = mixer(x, y)
+    assert mixer.stages[0].layout == "NHWC"               # probed at the batch's size
+    model.stage.register_forward_hook(lambda m, i, o: seen.update(before=o.detach().clone()), prepend=True)
+    model.stage.register_forward_hook(lambda m, i, o: seen.update(after=o.detach().clone()))
     model.train()
     model(x)
     assert_whole_channels_swapped(seen["before"], seen["after"], mixer.last_plan, soft, y, "NHWC")

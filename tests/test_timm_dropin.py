@@ -150,7 +150,7 @@ def test_mixup_enabled_is_the_off_switch_and_enabled_its_alias():
 @pytest.mark.parametrize("overrides,message", [
     (dict(mode="rows"), "mode must be one of"),
     (dict(switch_prob=1.5), "switch_prob"),
-    (dict(mixup_alpha=0.0, cutmix_alpha=0.0), "one of mixup_alpha and cutmix_alpha"),
+    (dict(mixup_alpha=0.0, cutmix_alpha=0.0), "--mixup and --cutmix are both 0"),
     (dict(alpha=2.0), "alpha and mixup_alpha"),
 ])
 def test_bad_timm_args_are_refused_with_one_line(overrides, message):
@@ -158,9 +158,13 @@ def test_bad_timm_args_are_refused_with_one_line(overrides, message):
         build_mixer("mixup", None, **mixup_args(**overrides))
 
 
-def test_a_feature_method_needs_a_positive_mixup_alpha():
+def test_timm_cutmix_alone_leaves_feature_layers_their_own_alpha():
+    """timm's --cutmix 1.0 without --mixup passes mixup_alpha=0 ("no Mixup"): the input layer mixes only with
+    CutMix and the feature layers keep the method's own Beta alpha."""
+    mixer = build_mixer("catchup", TinyNet(), **mixup_args(mixup_alpha=0.0))
+    assert mixer.input_mixes == ("cutmix",) and mixer.alpha == 2.0
     with pytest.raises(CatchupError, match="alpha must be > 0"):
-        build_mixer("catchup", TinyNet(), **mixup_args(mixup_alpha=0.0))
+        build_mixer("catchup", TinyNet(), alpha=0.0)
 
 
 # ---- collate_fn with timm.data.create_loader -------------------------------------------------------------

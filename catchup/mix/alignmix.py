@@ -101,10 +101,10 @@ class AlignMix(Mixer):
         self.eps, self.iters, self.cost = float(eps), int(iters), cost
         super().__init__(model, **kwargs)
 
-    def _resolve_stages(self, model, layers, input_size) -> list[Stage]:
+    def _resolve_stages(self, model, layers) -> list[Stage]:
         if layers is None and model is not None:
             layers = [0, len(feature_stages(model)) - 1]    # counted only: resolve_stages checks these two
-        return super()._resolve_stages(model, layers, input_size)
+        return super()._resolve_stages(model, layers)
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         lam = float(self.rng.beta(self.alpha, self.alpha))

@@ -96,7 +96,7 @@ class PlanHandover:
     ``take`` in a training forward of this very model (not in eval, not on an EMA deepcopy), and passes the
     model a plain tensor."""
 
-    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int], None]):
+    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int, tuple], None]):
         root = unwrap_model(model)
 
         # Runs eagerly under torch.compile, which traces module hooks but cannot trace this tensor subclass;
@@ -107,7 +107,7 @@ class PlanHandover:
                 return None
             x = args[0]
             if module is root and module.training:
-                take(x.mix_plan, x.batch_number)
+                take(x.mix_plan, x.batch_number, tuple(x.shape[1:]))
             return (x.as_subclass(torch.Tensor), *args[1:])
 
         self._handle = root.register_forward_pre_hook(hook)

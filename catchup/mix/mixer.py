@@ -101,38 +101,58 @@ class Mixer:
                  switch_prob: float | None = None,
                  mode: str = "batch", label_smoothing: float = 0.0, correct_lam: bool = True,
                  layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
-                 label_lam: str = "exact", seed: int = 0, input_size: Sequence[int] | None = None):
+                 label_lam: str = "exact", seed: int | None = None, input_size: Sequence[int] | None = None):
         if num_classes is None:     # timm's train.py fills it from the model; so does this
             num_classes = getattr(unwrap_model(model), "num_classes", None) if model is not None else None
             _check(num_classes is not None, "num_classes is required (the model has no num_classes)")
+        # timm's --mixup 0 (mixup_alpha=0) means "no input Mixup": the method's own mixing keeps its alpha.
+        self.input_alpha = None if mixup_alpha is None else float(mixup_alpha)
         if mixup_alpha is not None:
             _check(alpha is None or float(alpha) == float(mixup_alpha),
                    f"alpha and mixup_alpha are the same setting; got {alpha} and {mixup_alpha}")
-            alpha = mixup_alpha
+            alpha = mixup_alpha if mixup_alpha > 0 or not self.feature_level and self.input_mix else None
         self.alpha = self.default_alpha if alpha is None else float(alpha)
+        if self.input_alpha is None:
+            self.input_alpha = self.alpha
         prob = self.default_prob if prob is None else float(prob)
         _check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
-        _check(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
-        _check(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        _check(0.0 <= prob <= 1.0, f"prob must be in [0, 1] (timm's --mixup-prob), got {prob}")
+        _check(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1) (timm's --smoothing), "
+                                             f"got {label_smoothing}")
         _check(label_lam in ("exact", "sampled"), f"label_lam must be 'exact' or 'sampled', got {label_lam!r}")
-        _check(mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        _check(mode in self.modes, f"{self.name} offers mode {' or '.join(map(repr, self.modes))}, not {mode!r}")
-        _check(switch_prob is None or 0.0 <= switch_prob <= 1.0, f"switch_prob must be in [0, 1], got {switch_prob}")
+        _check(mode in MODES, f"mode must be one of {', '.join(MODES)} (timm's --mixup-mode), got {mode!r}")
+        _check(mode in self.modes, f"{self.name} offers mode {' or '.join(map(repr, self.modes))}, not {mode!r} "
+                                   f"(timm's --mixup-mode)")
+        _check(switch_prob is None or 0.0 <= switch_prob <= 1.0,
+               f"switch_prob must be in [0, 1] (timm's --mixup-switch-prob), got {switch_prob}")
         if cutmix_minmax is not None:
             _check(len(cutmix_minmax) == 2 and 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1,
-                   f"cutmix_minmax must be [min, max] with 0 < min < max <= 1, got {cutmix_minmax}")
+                   f"cutmix_minmax must be [min, max] with 0 < min < max <= 1 (timm's --cutmix-minmax), "
+                   f"got {cutmix_minmax}")
             cutmix_alpha = cutmix_alpha or 1.0     # as timm: min/max boxes turn CutMix on
         self.num_classes, self.cutmix_alpha, self.cutmix_minmax = num_classes, float(cutmix_alpha), cutmix_minmax
         self.prob, self.switch_prob, self.mode = prob, switch_prob, mode
         self.label_smoothing, self.correct_lam, self.label_lam = label_smoothing, correct_lam, label_lam
-        self.input_mixes = self._input_mixes()
+        plain_input_only = self.input_mix is not None and not self.feature_level
+        _check(self.alpha > 0 or (plain_input_only and self.alpha == 0),
+               f"alpha must be > 0 for {self.name} (timm's --mixup), got {self.alpha}")
+        _check(self.cutmix_alpha >= 0, f"cutmix_alpha must be >= 0 (timm's --cutmix), got {self.cutmix_alpha}")
+        _check(self.input_alpha >= 0, f"mixup_alpha must be >= 0 (timm's --mixup), got {self.input_alpha}")
         self.model = model     # methods that look at the model (saliency, CAMs) read it; may be None
+        # timm seeds torch with seed + rank before building its mixup: following torch's seed gives every
+        # process its own plans and makes --seed change them
+        seed = torch.initial_seed() if seed is None else int(seed)
         self.seed, self.calls, self.batch_number = seed, 0, -1
         self._worker_start: int | None = None    # the call count a DataLoader worker's copy started from
         self.last_plan: MixPlan | None = None
         self.rng = np.random.default_rng([seed, 0])
         self.mixup_enabled = True    # timm's mixup-off switch: False -> plain (smoothed) one-hot targets
-        self.stages = self._resolve_stages(model, layers, input_size)
+        self.stages = self._resolve_stages(model, layers)
+        if input_size is not None:
+            self.stages = probe_channels(model, self.stages, input_size)
+        # Otherwise the first batch the main process sees gives the size (``learn_stages``).
+        self._stages_probed = input_size is not None or not any(s.module_name for s in self.stages)
+        self.input_mixes = self._input_mixes() if any(s.module_name is None for s in self.stages) else ()
         self.layer_weights = _normalized_weights(layer_weights, len(self.stages))
         needs_hooks = any(s.module_name for s in self.stages)
         self.hooks = StageHooks(model, self.stages, self.mix_features) if needs_hooks else None
@@ -160,6 +180,7 @@ class Mixer:
         if x.dim() != 4 or target.dim() != 1 or x.shape[0] != target.shape[0]:
             raise CatchupError(f"mixer expects x [B, C, H, W] and target [B], got {tuple(x.shape)} and "
                                f"{tuple(target.shape)}")
+        self.learn_stages(tuple(x.shape[1:]))
         # Each batch draws from its own stream, seeded by (seed, batch number): the state to checkpoint is one
         # counter, the same on every process (Accelerate saves custom state from the main process only).
         self.batch_number = self._next_batch_number()
@@ -193,6 +214,28 @@ class Mixer:
                 self._handover = PlanHandover(self.model, self._take_plan)
             self._collate = MixCollate(self)
         return self._collate
+
+    def learn_stages(self, input_size: Sequence[int]) -> None:
+        """Probe the stages once, at the size of the first real batch: their layouts, the channel counts that
+        feature_info does not give, and a clear error for a stage that cannot be mixed. A DataLoader worker
+        (no model, or not its process's to run) samples with the counts feature_info gives; the main process
+        probes at the first training forward (``_take_plan``)."""
+        if self._stages_probed:
+            return
+        if self.model is None or get_worker_info() is not None:
+            unknown = [s.module_name for s in self.stages if s.module_name and s.channels is None]
+            if unknown:
+                raise CatchupError(f"the channel counts of {', '.join(map(repr, unknown))} are not in the model's "
+                                   "feature_info: pass input_size=(C, H, W) to the mixer so it can probe them")
+            return
+        self.stages = probe_channels(self.model, self.stages, input_size)
+        self._stages_probed = True
+
+    def seek(self, batches_seen: int) -> None:
+        """Continue the plans of a run at its batch ``batches_seen`` (e.g. ``start_epoch * len(loader)`` after
+        timm's ``--resume``): batch n always draws from the stream (seed, n), so this is the whole resume."""
+        _check(int(batches_seen) >= 0, f"batches_seen must be >= 0, got {batches_seen}")
+        self.calls = int(batches_seen)
 
     def for_worker(self) -> "Mixer":
         """A copy that samples plans and mixes inputs (a DataLoader worker's share) without the model or hooks."""
@@ -260,7 +303,7 @@ class Mixer:
         kind = self.input_mixes[0]
         if len(self.input_mixes) > 1:
             kind = "cutmix" if self.rng.random() < self.switch_prob else "mixup"
-        alpha = self.cutmix_alpha if kind == "cutmix" else self.alpha
+        alpha = self.cutmix_alpha if kind == "cutmix" else self.input_alpha
         lam = float(self.rng.beta(alpha, alpha))
         return MixPlan(0, lam, index, lam, {"input_mix": kind})
 
@@ -307,30 +350,31 @@ class Mixer:
         self.calls += 1
         return number
 
-    def _take_plan(self, plan: MixPlan | None, batch_number: int) -> None:
+    def _take_plan(self, plan: MixPlan | None, batch_number: int, input_size: Sequence[int]) -> None:
         """A training forward's input carried this plan from the collate_fn: record it, arm the hooks, and
         count the batch here too (collated in a worker, it was counted in the worker's copy only)."""
+        self.learn_stages(input_size)
         self.last_plan = plan
         self.calls = max(self.calls, batch_number + 1)
         self.arm(plan)
 
     def _input_mixes(self) -> tuple[str, ...]:
         """The input mixes layer 0 chooses between, and the alpha checks they need."""
-        plain_input_only = self.input_mix is not None and not self.feature_level
-        _check(self.alpha > 0 or (plain_input_only and self.alpha == 0), f"alpha must be > 0, got {self.alpha}")
-        _check(self.cutmix_alpha >= 0, f"cutmix_alpha must be >= 0, got {self.cutmix_alpha}")
         if self.input_mix is None:
             return ()
         if self.switch_prob is None:
-            alpha = self.cutmix_alpha if self.input_mix == "cutmix" else self.alpha
-            _check(alpha > 0, f"{'cutmix_alpha' if self.input_mix == 'cutmix' else 'alpha'} must be > 0 for "
-                              f"{self.name}'s input {self.input_mix}, got {alpha}")
+            alpha = self.cutmix_alpha if self.input_mix == "cutmix" else self.input_alpha
+            name, flag = ("cutmix_alpha", "--cutmix") if self.input_mix == "cutmix" else ("alpha", "--mixup")
+            _check(alpha > 0, f"{name} must be > 0 for {self.name}'s input {self.input_mix} (timm's {flag}), "
+                              f"got {alpha}")
             return (self.input_mix,)
-        mixes = tuple(k for k, a in (("mixup", self.alpha), ("cutmix", self.cutmix_alpha)) if a > 0)
-        _check(bool(mixes), "one of mixup_alpha and cutmix_alpha must be > 0")
+        mixes = tuple(k for k, a in (("mixup", self.input_alpha), ("cutmix", self.cutmix_alpha)) if a > 0)
+        _check(bool(mixes), f"{self.name} mixes the input (layer 0) with Mixup or CutMix, and timm's --mixup and "
+                            "--cutmix are both 0: pass --cutmix 1.0 or --mixup 0.8 (or leave layer 0 out of "
+                            "mix_layers)")
         return mixes
 
-    def _resolve_stages(self, model, layers, input_size) -> list[Stage]:
+    def _resolve_stages(self, model, layers) -> list[Stage]:
         if layers is None:
             if self.default_layers is not None and all(k == 0 for k in self.default_layers):
                 return [Stage(0, None, None)] if self.default_layers else []
@@ -346,14 +390,15 @@ class Mixer:
         if layers is None and self.default_layers is not None:
             available = len(feature_stages(model))    # counted only: the chosen ones are checked below
             layers = [k for k in self.default_layers if k < available]
-        return probe_channels(model, resolve_stages(model, layers), input_size)
+        return resolve_stages(model, layers)
 
 
 class NoMix(Mixer):
     """No mixing: targets are (smoothed) one-hot rows, so every method shares one loss."""
     name = "none"
+    modes = ("batch", "pair", "elem")      # nothing is mixed, per batch or per sample
 
-    def _resolve_stages(self, model, layers, input_size) -> list[Stage]:
+    def _resolve_stages(self, model, layers) -> list[Stage]:
         return []
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from catchup.errors import CatchupError
 from catchup.mix.layout import channels_first, restore_layout
-from catchup.stages import Stage, memory_format_of, stage_layout, unwrap_model
+from catchup.stages import (MIX_LAYERS_FIX, Stage, memory_format_of, model_label, sequential_tail, stage_layout,
+                            unwrap_model)
 
 
 @dataclass
@@ -92,9 +93,22 @@ class StageHooks:
         self.plan: MixPlan | None = None
         self.slots: PlanSlots | None = None
         self.stages = [s for s in stages if s.module_name is not None]
+        # The plan applied in the last training forward, kept until the next one is armed: gradient
+        # checkpointing runs a checkpointed stage again during backward, which must mix the same way.
+        self._applied: MixPlan | None = None
+        self._in_forward = False
         modules = dict(self.model.named_modules())
-        self._handles = [modules[s.module_name].register_forward_hook(self._make_hook(s, modules[s.module_name]))
-                         for s in self.stages]
+        self._handles = []
+        for s in self.stages:
+            module = modules[s.module_name]
+            self._handles.append(module.register_forward_hook(self._make_hook(s, module)))
+            tail = sequential_tail(module)
+            if tail is not module:
+                self._handles.append(tail.register_forward_hook(self._make_hook(s, tail, bypass=True)))
+        # Closures, not bound methods: an EMA deepcopy copies a bound method's instance (these StageHooks, with
+        # the armed plan), but keeps functions as they are.
+        self._handles += [self.model.register_forward_pre_hook(lambda m, args: self._forward_starts(m)),
+                          self.model.register_forward_hook(lambda m, args, out: self._forward_ends(m))]
 
     def handle_ids(self) -> set[int]:
         return {h.id for h in self._handles}
@@ -131,18 +145,50 @@ class StageHooks:
                 self.disarm()
         self._handles += [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
 
-    def _make_hook(self, stage: Stage, stage_module: nn.Module):
+    def _forward_starts(self, module: nn.Module) -> None:
+        if module is self.model and module.training:    # not an EMA deepcopy, which shares these hooks
+            self._in_forward = True
+
+    def _forward_ends(self, module: nn.Module) -> None:
+        if module is not self.model or not module.training:
+            return
+        self._in_forward = False
+        plan, self.plan = self.plan, None
+        if plan is not None:    # armed for a stage the forward never ran: features unmixed, targets mixed
+            name = next(s.module_name for s in self.stages if s.layer == plan.layer)
+            where = f"model {model_label(self.model)}: module {name!r} was not called by the training forward"
+            if getattr(self.model, "grad_checkpointing", False):
+                raise CatchupError(f"{where}: gradient checkpointing (set_grad_checkpointing, timm's "
+                                   "--grad-checkpointing) bypasses it, so it cannot be mixed; turn gradient "
+                                   "checkpointing off or leave this layer out of mix_layers")
+            raise CatchupError(f"{where}, so its hook could not mix; {MIX_LAYERS_FIX}")
+
+    def _make_hook(self, stage: Stage, hooked: nn.Module, bypass: bool = False):
+        """The stage's forward hook on ``hooked``: the stage module, or (``bypass``) the last module of a
+        Sequential stage, which timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) calls in
+        place of the stage itself; the bypass hook acts only while the model checkpoints."""
         layer = stage.layer
 
         def hook(module: nn.Module, inputs, output):
-            plan = self.plan
             # `deepcopy` (an EMA model) copies the hook closure by reference: the identity check keeps
             # the copy's stage modules from consuming this model's plan.
-            if plan is None or plan.layer != layer or not module.training or module is not stage_module:
+            if not module.training or module is not hooked:
                 return None
-            # Disarm first: at most one application per forward. (No counters here: under torch.compile
-            # every Python value read in a hook becomes a guard, and a changing one recompiles each step.)
-            self.plan = None
+            if bypass and not getattr(self.model, "grad_checkpointing", False):
+                return None
+            if self._in_forward:
+                plan = self.plan
+                if plan is None or plan.layer != layer:
+                    return None
+                # Disarm first: at most one application per forward. (No counters here: under torch.compile
+                # every Python value read in a hook becomes a guard, and a changing one recompiles each step.)
+                self.plan, self._applied = None, plan
+            else:
+                # Outside the model's forward, only a checkpointed segment recomputed by the autograd engine
+                # mixes again (torch.utils.checkpoint asks the engine the same private question).
+                plan = self._applied
+                if plan is None or plan.layer != layer or torch._C._current_graph_task_id() == -1:
+                    return None
             if not isinstance(output, torch.Tensor):
                 raise CatchupError(f"mixing layer {layer} outputs {type(output).__name__}, not a feature map")
             # Returning a new tensor replaces the module output; many stage modules end in in-place
@@ -173,11 +219,8 @@ class StageHooks:
         return hook
 
     def arm(self, plan: MixPlan | None) -> None:
-        if plan is not None and plan.layer > 0 and getattr(self.model, "grad_checkpointing", False):
-            raise CatchupError(
-                "gradient checkpointing bypasses the stage modules, so feature-level mixing cannot run; "
-                "turn one of them off")
         self.plan = plan if plan is not None and plan.layer > 0 else None
+        self._applied = None
         if self.slots is not None:
             self.slots.fill(self.plan)
 
@@ -190,7 +233,7 @@ class StageHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.plan = None
+        self.plan = self._applied = None
 
 
 def _standard_strides(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
