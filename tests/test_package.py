@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -89,8 +90,13 @@ def test_wheel_installs_commands_that_work_from_another_folder(tmp_path):
                     "--no-index", "-q", "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path)
     wheel = next((tmp_path / "wheel").glob("catchup-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python, bin_dir = venv / "bin" / "python", venv / "bin"
+    # This interpreter's packages (a venv's, where the suite runs in one) through a .pth file: --system-site-packages
+    # would give the base interpreter's instead
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
     shutil.rmtree(source)                       # nothing may come from the source tree any more
     elsewhere = tmp_path / "elsewhere"

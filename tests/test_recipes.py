@@ -13,7 +13,7 @@ from catchup.data import build_datasets
 from catchup.mix import MIXERS
 from catchup.recipe import make_criterion, make_mixer, make_optimizer, make_scheduler
 from catchup.runs import build_model
-from tests.test_data import write_cifar100, write_image_folders, write_tinyimagenet
+from tests.test_data import write_cifar100, write_fashion, write_image_folders, write_tinyimagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -32,9 +32,15 @@ def _cifar100(root: Path) -> Path:
     return root
 
 
-# tiny stand-ins in each dataset's published layout: a recipe's `data_dir` is replaced by one of these
+def _fashion_mnist(root: Path) -> Path:
+    write_fashion(root, n_train=300, n_test=10)
+    return root
+
+
+# tiny stand-ins in each dataset's published layout (so no test needs a download or a system package): a
+# recipe's `data_dir` is replaced by one of these
 _FIXTURES = {"cifar100": _cifar100, "tinyimagenet": write_tinyimagenet, "imagefolder": write_image_folders,
-             "finegrained": write_image_folders}
+             "finegrained": write_image_folders, "fashion_mnist": _fashion_mnist}
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,8 @@ class RecursiveMix(Mixer):
                f"{interpolation!r} is not one of nearest, bilinear, bicubic, area")
         self.omega, self.interpolation = float(omega), interpolation
         super().__init__(model, **kwargs)
-        _check(self.alpha <= 1.0, f"recursivemix alpha is the largest pasted area share, in (0, 1]; got {self.alpha}")
+        _check(self.alpha <= 1.0, f"recursivemix alpha (timm's --mixup) is the largest pasted area share, in (0, 1]; "
+                                  f"got {self.alpha}")
         self._history: dict[str, torch.Tensor | None] = {"x": None, "target": None, "logits": None}
         self._pending: dict[str, Any] | None = None     # this step's box and the logits the ROI should match
         self._features: torch.Tensor | None = None      # the last feature map of this step's forward
