@@ -2,7 +2,7 @@
 
     python -m catchup.export runs/quickstart exported/quickstart [--ema] [--push-to-hub user/repo]
 
-    import catchup, timm        # `import catchup` registers the project's own models (preactresnet18, ...)
+    import catchup.models, timm   # registers the project's own models (preactresnet18, ...) with timm
     model = timm.create_model("local-dir:exported/quickstart", pretrained=True)
     data_config = timm.data.resolve_data_config(model=model)   # the run's input size and normalisation
 
