@@ -18,6 +18,7 @@ from typing import Any
 from timm.models import push_to_hf_hub, save_for_hf
 from torch import nn
 
+from catchup.cli import ArgumentParser, run_cli
 from catchup.config import TrainConfig
 from catchup.data import DataInfo
 from catchup.data.transforms import FIXED_FAMILIES
@@ -86,7 +87,7 @@ def log_model_artifact(wandb_run: Any, model: nn.Module, cfg: TrainConfig, info:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m catchup.export",
+    parser = ArgumentParser(prog="python -m catchup.export",
                                      description="export a run's weights for timm: config.json + model.safetensors")
     parser.add_argument("run", type=Path, help="run folder (config.yaml, model.safetensors)")
     parser.add_argument("out", type=Path, help="new folder for the export; load it with "
@@ -101,5 +102,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from catchup.cli import run_cli
     run_cli(main)

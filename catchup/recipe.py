@@ -116,12 +116,9 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_p
     kwargs: dict[str, Any] = dict(sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
                                   step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    if cfg.sched in ("multistep", "step"):
-        if not cfg.decay_milestones:
-            raise CatchupError(f"sched: {cfg.sched} needs decay_milestones (epochs; 'step' decays every "
-                               "decay_milestones[0] epochs)")
-        kwargs["decay_milestones"] = list(cfg.decay_milestones)
-        kwargs["decay_epochs"] = cfg.decay_milestones[0]
+    if cfg.sched in ("multistep", "step"):     # validate made sure 'step' has its period
+        kwargs["decay_milestones"] = list(cfg.decay_milestones)     # multistep with none: a constant lr
+        kwargs["decay_epochs"] = cfg.decay_milestones[0] if cfg.decay_milestones else cfg.epochs
     scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
     return scheduler
 
