@@ -290,8 +290,10 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             text, i = argv[i], i + 1
         try:
             value = _yaml_value(text)
-        except yaml.YAMLError:
-            raise CatchupError(f"cannot parse the value {text!r} of --{name} as YAML") from None
+        except yaml.YAMLError as err:
+            shown = text if len(text) <= 60 else text[:50] + "..."
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise CatchupError(f"cannot parse the value {shown!r} of --{name} as YAML: {problem}") from None
         if key in _TYPES and _TYPES[key] in (str, str | None) and value is not None:
             value = text  # `--wandb-name 2024` names the run "2024"
         out[key] = value
