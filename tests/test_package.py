@@ -61,15 +61,17 @@ def test_a_fresh_interpreter_gets_the_zoo_whichever_is_imported_first(imports, t
 def test_import_catchup_and_the_argument_checks_load_no_torch_and_hook_nothing(tmp_path):
     """The scripts check a recipe before torch loads (a mistyped key answers in a fraction of a second), and
     importing the package leaves the import system as it was."""
-    code = ("import sys; finders = list(sys.meta_path)\n"
+    code = ("import runpy, sys; finders = list(sys.meta_path)\n"
             "import catchup, catchup.config, catchup.config_help, catchup.rundir, catchup.stopping, catchup.suites\n"
-            "from catchup.config import load_config\n"
-            "load_config('configs/quickstart.yaml', ['--lr', '0.05'])\n"
-            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules), sys.meta_path == finders)")
+            "hooked = sys.meta_path != finders\n"
+            "sys.argv = ['train.py', '--config', 'configs/quickstart.yaml', '--lrr', '3']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as stop:\n"
+            "    print(stop.code, sorted(m for m in ('torch', 'timm') if m in sys.modules), hooked)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[] True"
+    assert out.stdout.strip() == "2 [] False", out.stderr
+    assert out.stderr.strip() == "error: unknown recipe key 'lrr' on the command line; did you mean 'lr'?"
 
 
 @pytest.mark.parametrize("method", ["puzzlemix", "comixup"])
