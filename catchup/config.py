@@ -19,7 +19,7 @@ import yaml
 
 from catchup.config_checks import (
     ERASE_MODES, INTERPOLATIONS, LABEL_LAM, MIXER_ARGUMENTS, MODEL_ARGUMENTS, SCHEDULERS, SEED_MAX, WANDB_MODES, Rule,
-    _check_opt, above, at_least, key, kwargs_collision, suggest, value_problem, within,
+    _check_opt, above, at_least, key, kwargs_collision, shown, suggest, value_problem, within,
 )
 from catchup.config_types import Mismatch, coerce, describe
 from catchup.errors import CatchupError
@@ -201,12 +201,12 @@ def _check_layer(data: Mapping[Any, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         if not isinstance(key, str) or key not in _TYPES:
-            raise CatchupError(f"unknown recipe key {key!r} {where}; {suggest(str(key), FIELDS)}")
+            raise CatchupError(f"unknown recipe key {shown(key)} {where}; {suggest(str(key), FIELDS)}")
         try:
             out[key] = coerce(value, _TYPES[key])
         except Mismatch:
             raise CatchupError(f"recipe key {key!r} expects {describe(_TYPES[key])}, "
-                               f"got {value!r} ({type(value).__name__}) {where}") from None
+                               f"got {shown(value)} ({type(value).__name__}) {where}") from None
     return out
 
 
@@ -243,7 +243,7 @@ def _read_recipe(path: Path, chain: tuple[tuple[Path, str], ...] = ()) -> tuple[
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise CatchupError(f"`_base_` in {path} must be a path or a list of paths, got {bases!r}")
+        raise CatchupError(f"`_base_` in {path} must be a path or a list of paths, got {shown(bases)}")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for base in bases:
@@ -349,7 +349,7 @@ def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None
 
     def fail(key: str, why: str) -> typing.NoReturn:
         where = f" (set {sources[key]})" if key in sources else ""
-        raise CatchupError(f"recipe key {key!r} {why}, got {getattr(cfg, key)!r}{where}")
+        raise CatchupError(f"recipe key {key!r} {why}, got {shown(getattr(cfg, key))}{where}")
 
     for name, f in KEYS.items():
         value = getattr(cfg, name)

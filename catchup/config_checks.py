@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 ERASE_MODES = ("const", "rand", "pixel")
 SEED_MAX = 2**31 - 1   # numpy seeds stop at 2**32 - 1, and Accelerate adds the process index to the seed
 MAX_DEPTH = 8          # brackets inside a value: model_kwargs/mix_kwargs need two or three
+MAX_ITEMS = 10_000
 
 # The arguments `recipe.make_mixer` and `runs.build_model` pass themselves, with the recipe key (or the data)
 # they come from: the same name in `mix_kwargs` / `model_kwargs` would collide with, or silently replace, it.
@@ -66,23 +68,39 @@ def key(default: Any, help: str, rule: Rule | None = None, *, group: str, choice
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def value_problem(value: Any, depth: int = 0) -> str | None:
+def value_problem(value: Any) -> str | None:
     """Why a value (any nesting of lists and mappings) is not a recipe value, or None: numbers are finite,
-    strings and mapping keys non-empty, nesting at most MAX_DEPTH deep."""
-    if depth > MAX_DEPTH:
-        return f"is nested more than {MAX_DEPTH} brackets deep"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must hold finite numbers only" if depth else "must be a finite number"
-    if isinstance(value, str) and not value:
-        return "must not hold an empty string" if depth else "must not be an empty string"
-    if isinstance(value, dict):
-        for name in value:
-            if not isinstance(name, str) or not name:
-                return f"must have non-empty text keys (found {name!r})"
-        items = list(value.values())
-    else:
-        items = value if isinstance(value, (list, tuple)) else []
-    return next((p for p in (value_problem(v, depth + 1) for v in items) if p), None)
+    strings and mapping keys non-empty, nesting at most MAX_DEPTH deep and MAX_ITEMS items in all (YAML aliases
+    can repeat one list many times over)."""
+    todo, seen = [(value, 0)], 0
+    while todo:
+        item, depth = todo.pop()
+        seen += 1
+        if depth > MAX_DEPTH:
+            return f"is nested more than {MAX_DEPTH} brackets deep"
+        if seen > MAX_ITEMS:
+            return f"holds more than {MAX_ITEMS} items"
+        if isinstance(item, float) and not math.isfinite(item):
+            return "must hold finite numbers only" if depth else "must be a finite number"
+        if isinstance(item, str) and not item:
+            return "must not hold an empty string" if depth else "must not be an empty string"
+        if isinstance(item, dict):
+            for name in item:
+                if not isinstance(name, str) or not name:
+                    return f"must have non-empty text keys (found {name!r})"
+            todo += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, (list, tuple)):
+            todo += [(v, depth + 1) for v in item]
+    return None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 60, 60
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short, for an error line: a YAML alias can make a value too big to print."""
+    return _SHORT.repr(value)
 
 
 def kwargs_collision(options: dict, passed: dict[str, str]) -> str | None:

@@ -67,7 +67,10 @@ def recipe_keys(cls: type = TrainConfig) -> list[KeyDoc]:
                                "catchup.config_checks.key(default, help, group=...)")
         options = listed.get(f.name) or f.metadata["choices"]
         rule = f.metadata["rule"]
-        values = ", ".join(options) if options else rule.text if rule else ""
+        if options:
+            values = ", ".join(options)
+        else:
+            values = rule.text if rule else ""
         if values and type(None) in typing.get_args(hints[f.name]):
             values += " or null"
         if f.metadata["resumable"]:
@@ -151,7 +154,8 @@ def update_readme(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m catchup.config_help", description="the recipe keys, as described in catchup/config.py")
+    parser = ArgumentParser(prog="python -m catchup.config_help",
+                            description="the recipe keys, as described in catchup/config.py")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--markdown", action="store_true", help="print the README tables")
     action.add_argument("--update-readme", type=Path, metavar="README", help="rewrite the README's key tables")
