@@ -157,8 +157,9 @@ KEYS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Trai
 # changes what an optimizer step computes; every other key is the run's identity.
 RESUMABLE: tuple[str, ...] = tuple(name for name, f in KEYS.items() if f.metadata["resumable"])
 _TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+FIELDS: tuple[str, ...] = tuple(KEYS)
 CLI = "on the command line"
+
 
 # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string; recipes are full of such learning
 # rates and weight decays, so both the loader and the dumper also treat them as floats.
