@@ -59,7 +59,7 @@ class TrainConfig:
     aa: str | None = key(None, "ImageNet-style data: auto-augment policy, e.g. rand-m7-mstd0.5-inc1 (timm --aa)",
                          group=DATA)
     reprob: float = key(0.0, "ImageNet-style data: random erasing probability", within(0, 1), group=DATA)
-    remode: str = key("pixel", "ImageNet-style data: random erasing fill: const, rand or pixel", group=DATA,
+    remode: str = key("pixel", "ImageNet-style data: random erasing fill", group=DATA,
                       choices=ERASE_MODES)
     recount: int = key(1, "ImageNet-style data: random erasing count", at_least(1), group=DATA)
     scale: list[float] = key([0.08, 1.0], "ImageNet-style data: random-resized-crop area range",
@@ -86,7 +86,7 @@ class TrainConfig:
     lr: float = key(0.1, "peak learning rate", above(0), group=OPTIM)
     momentum: float = key(0.9, "optimizer momentum", _FRACTION, group=OPTIM)
     weight_decay: float = key(1e-4, "weight decay (timm skips bias and norm parameters)", at_least(0), group=OPTIM)
-    sched: str = key("multistep", "lr schedule: multistep, step, cosine or none", group=OPTIM, choices=SCHEDULERS)
+    sched: str = key("multistep", "lr schedule (timm's, or none for a constant lr)", group=OPTIM, choices=SCHEDULERS)
     decay_milestones: list[int] = key([], "epochs at which lr is multiplied by decay_rate (multistep: none = a "
                                       "constant lr after warmup)", Rule("strictly ascending and > 0", lambda v: all(
                                           a < b for a, b in zip([0] + v, v))), group=OPTIM)
@@ -139,7 +139,7 @@ class TrainConfig:
     checkpoint_keep: int = key(2, "checkpoints kept on disk", at_least(1), group=BOOK, resumable=True)
     log_every: int = key(10, "log training metrics every this many optimizer steps", at_least(1), group=BOOK,
                          resumable=True)
-    wandb_mode: str = key("auto", "auto, online, offline or disabled", group=BOOK, choices=WANDB_MODES,
+    wandb_mode: str = key("auto", "W&B mode; auto = online when W&B credentials are present, else offline", group=BOOK, choices=WANDB_MODES,
                           resumable=True)
     wandb_project: str = key("catchup", "W&B project", group=BOOK, resumable=True)
     wandb_entity: str | None = key(None, "W&B team or user; None = the default entity", group=BOOK, resumable=True)
