@@ -139,8 +139,8 @@ class TrainConfig:
     checkpoint_keep: int = key(2, "checkpoints kept on disk", at_least(1), group=BOOK, resumable=True)
     log_every: int = key(10, "log training metrics every this many optimizer steps", at_least(1), group=BOOK,
                          resumable=True)
-    wandb_mode: str = key("auto", "W&B mode; auto = online when W&B credentials are present, else offline", group=BOOK, choices=WANDB_MODES,
-                          resumable=True)
+    wandb_mode: str = key("auto", "W&B mode; auto = online when W&B credentials are present, else offline",
+                          group=BOOK, choices=WANDB_MODES, resumable=True)
     wandb_project: str = key("catchup", "W&B project", group=BOOK, resumable=True)
     wandb_entity: str | None = key(None, "W&B team or user; None = the default entity", group=BOOK, resumable=True)
     wandb_name: str | None = key(None, "W&B run name; None = generated", group=BOOK, resumable=True)
