@@ -6,8 +6,7 @@ import importlib.util
 import runpy
 import sys
 from pathlib import Path
-import typing
-from typing import Callable
+from typing import Callable, NoReturn
 
 from catchup.errors import CatchupError
 from catchup.stopping import STOPPED_EXIT_CODE, Stopped
@@ -19,7 +18,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose refusals are CatchupErrors, so that `run_cli` prints them as the project's one
     `error:` line (argparse itself prints its usage and `prog: error: ...` on two)."""
 
-    def error(self, message: str) -> typing.NoReturn:
+    def error(self, message: str) -> NoReturn:
         raise CatchupError(f"{self.prog}: {message} (see --help)")
 
 

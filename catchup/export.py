@@ -10,7 +10,6 @@ With `wandb_log_model: true` in a recipe, train.py logs the same folder as a W&B
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,7 @@ def log_model_artifact(wandb_run: Any, model: nn.Module, cfg: TrainConfig, info:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="python -m catchup.export",
-                                     description="export a run's weights for timm: config.json + model.safetensors")
+                            description="export a run's weights for timm: config.json + model.safetensors")
     parser.add_argument("run", type=Path, help="run folder (config.yaml, model.safetensors)")
     parser.add_argument("out", type=Path, help="new folder for the export; load it with "
                         "timm.create_model('local-dir:OUT', pretrained=True)")

@@ -242,8 +242,7 @@ def _add_time(run_dir: Path, wall: float, cpu: float) -> None:
 
 def parse_args(argv):
     p = ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
-                                allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for "
-                                                           "every run.")
+                       allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for every run.")
     p.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML shared by every run")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="recipe keys and their values; one run per combination")

@@ -30,7 +30,7 @@ DIRECTIONS = ("hessian", "random")     # as in catchup.analysis.landscape, which
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m catchup.analysis", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+                            allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p: argparse.ArgumentParser, many: bool) -> None:
