@@ -132,7 +132,6 @@ _ALIASES = {
 }
 
 
-
 def suggest(key: str, fields: tuple[str, ...]) -> str:
     """What to say about an unknown recipe key: the field it most likely means, or how to do it here."""
     hint = _ALIASES.get(key.replace("-", "_").lower())
