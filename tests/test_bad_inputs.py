@@ -233,7 +233,6 @@ def test_bad_input_gives_one_error_line(place, build, message, untouched):
     assert [snapshot(f) for f in watched] == before
 
 
-
 # Recipe values: train.py refuses them before torch loads (tests/test_package.py checks that it does not load),
 # so each case runs in this process, through train.py's own main and run_cli as a user's process would.
 DEEP = "[" * 5000 + "]" * 5000
