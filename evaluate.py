@@ -12,18 +12,17 @@ torchrun's own parser takes `--run` for an abbreviation of its `--run-path`.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from catchup.cli import run_cli
+from catchup.cli import ArgumentParser, run_cli
 from catchup.errors import CatchupError
 from catchup.rundir import check_writable
 from catchup.suites import SUITES, parse_eps, select_suites, short_names
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("runs", nargs="*", type=Path, metavar="RUN", help="run folder(s), same as --run")
     p.add_argument("--run", action="append", type=Path, default=[], help="run folder (repeat for several)")
     p.add_argument("--weights", choices=("final", "ema", "both"), default="final",

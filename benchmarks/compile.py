@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import overhead  # noqa: E402
+from catchup.cli import run_cli  # noqa: E402
 from catchup.compile import compile_model, compile_regions, compile_whole  # noqa: E402
 from catchup.errors import CatchupError  # noqa: E402
 from catchup.mix import build_mixer  # noqa: E402
@@ -224,7 +225,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CatchupError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

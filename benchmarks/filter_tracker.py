@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import catchup.models  # noqa: E402,F401  (registers the CIFAR models with timm)
+from catchup.cli import run_cli  # noqa: E402
 from _timing import interleaved_times, load_average, median  # noqa: E402
 from catchup.analysis.filters import FilterNormTracker, load_filter_norms, plot_norm_vs_grad  # noqa: E402
 from catchup.config import load_config  # noqa: E402
@@ -134,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

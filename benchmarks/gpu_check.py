@@ -31,7 +31,7 @@ import throughput  # noqa: E402
 import torch  # noqa: E402
 from _timing import load_average  # noqa: E402
 
-from catchup.errors import CatchupError  # noqa: E402
+from catchup.cli import run_cli  # noqa: E402
 
 TINY = dict(model="test_resnet", input_size=32, batch_size=4, device="cpu", repeats=1, warmup=1, steps=2,
             throughput_repeats=1)
@@ -133,7 +133,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CatchupError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

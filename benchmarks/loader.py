@@ -33,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from catchup.cli import run_cli  # noqa: E402
 from catchup.config import load_config  # noqa: E402
 from catchup.data import Augment, PadCropFlip, build_datasets  # noqa: E402
 from catchup.data.sampling import EpochSeeded  # noqa: E402
@@ -138,4 +139,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -33,6 +33,7 @@ from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from torch import nn  # noqa: E402
 
 import catchup.models  # noqa: E402,F401  (registers the CIFAR models with timm)
+from catchup.cli import run_cli  # noqa: E402
 from catchup.errors import CatchupError  # noqa: E402
 from catchup.mix import MIXERS, Mixer, build_mixer  # noqa: E402
 from catchup.mix.catchup import apply_keep_mask, catchup_keep_mask, filter_influence  # noqa: E402
@@ -390,7 +391,4 @@ def _rounded(load: tuple[float, ...] | None) -> list[float] | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CatchupError as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import catchup.models  # noqa: E402,F401
+from catchup.cli import run_cli  # noqa: E402
 from catchup.engine import StepOptions, TrainProgress, train_one_epoch  # noqa: E402
 from catchup.mix import build_mixer  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
@@ -124,4 +125,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,16 +1,25 @@
 """How the scripts end: a one-line message and exit code 2 for a user error, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import runpy
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from catchup.errors import CatchupError
 from catchup.stopping import STOPPED_EXIT_CODE, Stopped
 
 _WORKER = "in DataLoader worker process"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are CatchupErrors, so that `run_cli` prints them as the project's one
+    `error:` line (argparse itself prints its usage and `prog: error: ...` on two)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CatchupError(f"{self.prog}: {message} (see --help)")
 
 
 def run_cli(main: Callable[[], object], interrupted: str = "interrupted") -> None:

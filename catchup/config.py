@@ -6,125 +6,159 @@ A recipe is a flat YAML mapping whose keys are timm train.py option names where 
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-import difflib
 import os
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from catchup.config_checks import _CHOICES, _RANGES, _check_opt
+from catchup.config_checks import (
+    ERASE_MODES, INTERPOLATIONS, LABEL_LAM, MIXER_ARGUMENTS, MODEL_ARGUMENTS, SCHEDULERS, SEED_MAX, WANDB_MODES, Rule,
+    _check_opt, above, at_least, key, kwargs_collision, shown, suggest, value_problem, within,
+)
 from catchup.config_types import Mismatch, coerce, describe
 from catchup.errors import CatchupError
 
 
+MODEL, DATA, OPTIM, MIXING, BOOK = "model", "data", "optimisation", "mixing", "bookkeeping"
+_FRACTION = within(0, 1, "[)")
+_PAIR = "[min, max] with 0 < min <= max"
+
+
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "preactresnet18"  # timm model name (the project registers its CIFAR variants with timm)
-    model_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
-    pretrained: bool = False  # load timm pretrained weights
-    num_classes: int | None = None  # None = from the dataset
-    drop_rate: float = 0.0  # dropout before the classifier (timm --drop)
-    drop_path: float | None = None  # stochastic depth rate, for models that support it
-    # data
-    dataset: str = "digits"  # dataset name known to catchup.data
-    data_dir: str | None = None  # dataset root folder
-    download: bool = False  # let torchvision download the dataset when it is missing
-    train_fraction: float = 1.0  # share of each class kept for training (per-class subsets)
-    input_size: int | None = None  # square input side; None = the model's default
-    workers: int = 2  # DataLoader worker processes
-    train_split: str = "train"  # training split of hfds/<name> and wds/<name> data (timm --train-split)
-    val_split: str = "validation"  # evaluation split of hfds/<name> and wds/<name> data (timm --val-split)
-    aug_repeats: float = 0  # repeated augmentation: each image this many times per epoch (timm RepeatAugSampler); 0 = off
-    aa: str | None = None  # ImageNet-style data: auto-augment policy, e.g. rand-m7-mstd0.5-inc1 (timm --aa)
-    reprob: float = 0.0  # ImageNet-style data: random erasing probability
-    remode: str = "pixel"  # ImageNet-style data: random erasing fill: const, rand or pixel
-    recount: int = 1  # ImageNet-style data: random erasing count
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # ImageNet-style data: random-resized-crop area range
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # ImageNet-style data: random-resized-crop aspect range
-    hflip: float = 0.5  # ImageNet-style data: horizontal flip probability
-    vflip: float = 0.0  # ImageNet-style data: vertical flip probability
-    color_jitter: float = 0.4  # ImageNet-style data: color jitter factor (timm turns it off when aa is set)
-    train_interpolation: str = "random"  # ImageNet-style data: training resize interpolation (random = bilinear/bicubic)
-    crop_pct: float | None = None  # ImageNet-style data: eval center-crop fraction; None = the model's (timm)
-    interpolation: str | None = None  # ImageNet-style data: eval resize interpolation; None = the model's (timm)
-    # optimisation
-    batch_size: int = 128  # GLOBAL batch across processes and accumulation
-    eval_batch_size: int | None = None  # None = batch_size
-    epochs: int = 100  # training epochs
-    max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
-    opt: str = "sgd"  # timm optimizer name (timm's "sgd" is Nesterov SGD)
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9  # optimizer momentum
-    weight_decay: float = 1e-4  # weight decay (timm skips bias and norm parameters)
-    sched: str = "multistep"  # lr schedule: multistep, step, cosine or none
-    decay_milestones: list[int] = field(default_factory=list)  # epochs at which lr is multiplied by decay_rate
-    decay_rate: float = 0.1  # lr factor applied at each milestone
-    warmup_epochs: int = 0  # linear warmup epochs
-    warmup_lr: float = 1e-5  # lr at the start of warmup
-    min_lr: float = 0.0  # floor for decaying schedules
-    smoothing: float = 0.0  # label smoothing
-    bce_loss: bool = False  # binary cross-entropy instead of soft-target cross-entropy
-    bce_target_thresh: float | None = None  # with bce_loss: targets above it become 1, the rest 0 (RSB A2: 0.2)
-    model_ema: bool = False  # keep an exponential moving average of the weights
-    model_ema_decay: float = 0.9998  # EMA decay per optimizer step
-    channels_last: bool = False  # channels-last memory format
-    torchcompile: bool | str = False  # torch.compile the model: true (inductor), false, or a backend name
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    clip_grad: float | None = None  # gradient norm clipping; None = off
-    seed: int = 0  # random seed
-    # mixing
-    mix: str = "none"  # mixing method
-    mix_prob: float | None = None  # share of batches mixed; None = the method's (1; MoEx 0.25; SaliencyMix, SnapMix 0.5)
-    mix_alpha: float | None = None  # Beta(alpha, alpha) for the mixing ratio; None = the method's default
-    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for CutMix boxes (layer 0 of feature-level methods)
-    cutmix_minmax: list[float] | None = None  # CutMix box size range as image fractions, instead of cutmix_alpha
-    mix_layers: list[int | str] | None = None  # stages to mix at (0 = input, or module names); None = all
-    mix_layer_weights: list[float] | None = None  # sampling weights of mix_layers; None = uniform
-    label_lam: str = "exact"  # label weight: exact kept share (floor(lam*C)/C) or the sampled lam
-    mixup_off_epoch: int = 0  # stop mixing from this epoch on; 0 = never
-    mix_kwargs: dict = field(default_factory=dict)  # method-specific options passed to build_mixer
-    # bookkeeping
-    output: str = "runs/default"  # run folder: checkpoints, resolved config.yaml, logs
-    eval_every: int = 1  # evaluate every this many epochs
-    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
-    checkpoint_keep: int = 2  # checkpoints kept on disk
-    log_every: int = 10  # log training metrics every this many optimizer steps
-    wandb_mode: str = "auto"  # auto, online, offline or disabled
-    wandb_project: str = "catchup"  # W&B project
-    wandb_entity: str | None = None  # W&B team or user; None = the default entity
-    wandb_name: str | None = None  # W&B run name; None = generated
-    wandb_tags: list[str] = field(default_factory=list)  # W&B run tags
-    wandb_log_model: bool = False  # log the final weights as a W&B model artifact (config.json + model.safetensors)
-    track_filters: bool = False  # log filter-influence statistics during training
-    track_filters_every: int = 100  # optimizer steps between filter statistics
+    """Every recipe key, described once (see catchup/config_checks.py for `key` and the rules)."""
+    model: str = key("preactresnet18", "timm model name (`import catchup.models` registers the project's CIFAR "
+                     "variants with timm)", group=MODEL)
+    model_kwargs: dict = key({}, "extra keyword arguments for timm.create_model", group=MODEL)
+    pretrained: bool = key(False, "load timm pretrained weights", group=MODEL)
+    num_classes: int | None = key(None, "None = from the dataset", at_least(1), group=MODEL)
+    drop_rate: float = key(0.0, "dropout before the classifier (timm --drop)", _FRACTION, group=MODEL)
+    drop_path: float | None = key(None, "stochastic depth rate, for models that support it", _FRACTION, group=MODEL)
+
+    dataset: str = key("digits", "dataset name known to catchup.data", group=DATA)
+    data_dir: str | None = key(None, "dataset root folder", group=DATA, resumable=True)
+    download: bool = key(False, "let torchvision download the dataset when it is missing", group=DATA,
+                         resumable=True)
+    train_fraction: float = key(1.0, "share of each class kept for training (per-class subsets)",
+                                within(0, 1, "(]"), group=DATA)
+    input_size: int | None = key(None, "square input side; None = the model's default", at_least(1), group=DATA)
+    workers: int = key(2, "DataLoader worker processes", at_least(0), group=DATA, resumable=True)
+    train_split: str = key("train", "training split of hfds/<name> and wds/<name> data (timm --train-split)",
+                           group=DATA)
+    val_split: str = key("validation", "evaluation split of hfds/<name> and wds/<name> data (timm --val-split)",
+                         group=DATA)
+    aug_repeats: float = key(0, "repeated augmentation: each image this many times per epoch (timm "
+                             "RepeatAugSampler); 0 = off", Rule("0 (off) or >= 1", lambda v: v == 0 or v >= 1),
+                             group=DATA)
+    aa: str | None = key(None, "ImageNet-style data: auto-augment policy, e.g. rand-m7-mstd0.5-inc1 (timm --aa)",
+                         group=DATA)
+    reprob: float = key(0.0, "ImageNet-style data: random erasing probability", within(0, 1), group=DATA)
+    remode: str = key("pixel", "ImageNet-style data: random erasing fill", group=DATA,
+                      choices=ERASE_MODES)
+    recount: int = key(1, "ImageNet-style data: random erasing count", at_least(1), group=DATA)
+    scale: list[float] = key([0.08, 1.0], "ImageNet-style data: random-resized-crop area range",
+                             Rule(_PAIR + " <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1), group=DATA)
+    ratio: list[float] = key([3 / 4, 4 / 3], "ImageNet-style data: random-resized-crop aspect range",
+                             Rule(_PAIR, lambda v: len(v) == 2 and 0 < v[0] <= v[1]), group=DATA)
+    hflip: float = key(0.5, "ImageNet-style data: horizontal flip probability", within(0, 1), group=DATA)
+    vflip: float = key(0.0, "ImageNet-style data: vertical flip probability", within(0, 1), group=DATA)
+    color_jitter: float = key(0.4, "ImageNet-style data: color jitter factor (timm turns it off when aa is set)",
+                              at_least(0), group=DATA)
+    train_interpolation: str = key("random", "ImageNet-style data: training resize interpolation (random = "
+                                   "bilinear/bicubic)", group=DATA, choices=("random", *INTERPOLATIONS))
+    crop_pct: float | None = key(None, "ImageNet-style data: eval center-crop fraction; None = the model's (timm)",
+                                 within(0, 1, "(]"), group=DATA)
+    interpolation: str | None = key(None, "ImageNet-style data: eval resize interpolation; None = the model's "
+                                    "(timm)", group=DATA, choices=INTERPOLATIONS)
+
+    batch_size: int = key(128, "GLOBAL batch across processes and accumulation", at_least(1), group=OPTIM)
+    eval_batch_size: int | None = key(None, "None = batch_size", at_least(1), group=OPTIM, resumable=True)
+    epochs: int = key(100, "training epochs", at_least(1), group=OPTIM, resumable=True)
+    max_steps: int = key(0, "stop after this many optimizer steps; 0 = no limit", at_least(0), group=OPTIM,
+                         resumable=True)
+    opt: str = key("sgd", 'timm optimizer name (timm\'s "sgd" is Nesterov SGD)', group=OPTIM)
+    lr: float = key(0.1, "peak learning rate", above(0), group=OPTIM)
+    momentum: float = key(0.9, "optimizer momentum", _FRACTION, group=OPTIM)
+    weight_decay: float = key(1e-4, "weight decay (timm skips bias and norm parameters)", at_least(0), group=OPTIM)
+    sched: str = key("multistep", "lr schedule (timm's, or none for a constant lr)", group=OPTIM, choices=SCHEDULERS)
+    decay_milestones: list[int] = key([], "epochs at which lr is multiplied by decay_rate (multistep: none = a "
+                                      "constant lr after warmup)", Rule("strictly ascending and > 0", lambda v: all(
+                                          a < b for a, b in zip([0] + v, v))), group=OPTIM)
+    decay_rate: float = key(0.1, "lr factor applied at each milestone", above(0), group=OPTIM)
+    warmup_epochs: int = key(0, "linear warmup epochs", at_least(0), group=OPTIM)
+    warmup_lr: float = key(1e-5, "lr at the start of warmup", at_least(0), group=OPTIM)
+    min_lr: float = key(0.0, "floor for decaying schedules", at_least(0), group=OPTIM)
+    smoothing: float = key(0.0, "label smoothing", _FRACTION, group=OPTIM)
+    bce_loss: bool = key(False, "binary cross-entropy instead of soft-target cross-entropy", group=OPTIM)
+    bce_target_thresh: float | None = key(None, "with bce_loss: targets above it become 1, the rest 0 (RSB A2: "
+                                          "0.2)", within(0, 1, "()"), group=OPTIM)
+    model_ema: bool = key(False, "keep an exponential moving average of the weights", group=OPTIM)
+    model_ema_decay: float = key(0.9998, "EMA decay per optimizer step", within(0, 1, "()"), group=OPTIM)
+    channels_last: bool = key(False, "channels-last memory format", group=OPTIM)
+    # resumable: compiled regions compute what the eager modules compute (tested bit for bit)
+    torchcompile: bool | str = key(False, "torch.compile the model: true (inductor), false, or a backend name",
+                                   group=OPTIM, resumable=True)
+    grad_accum_steps: int = key(1, "micro-batches per optimizer step", at_least(1), group=OPTIM)
+    clip_grad: float | None = key(None, "gradient norm clipping; None = off", above(0), group=OPTIM)
+    seed: int = key(0, "random seed", within(0, SEED_MAX), group=OPTIM)
+
+    mix: str = key("none", "mixing method", group=MIXING)       # the choices live in the mixer registry
+    mix_prob: float | None = key(None, "share of batches mixed; None = the method's (1; MoEx 0.25; SaliencyMix, "
+                                 "SnapMix 0.5)", within(0, 1), group=MIXING)
+    mix_alpha: float | None = key(None, "Beta(alpha, alpha) for the mixing ratio; None = the method's default",
+                                  above(0), group=MIXING)
+    cutmix_alpha: float = key(1.0, "Beta(alpha, alpha) for CutMix boxes (layer 0 of feature-level methods)",
+                              above(0), group=MIXING)
+    cutmix_minmax: list[float] | None = key(None, "CutMix box size range as image fractions, instead of "
+                                            "cutmix_alpha", Rule("[min, max] with 0 <= min < max <= 1", lambda v:
+                                                                 len(v) == 2 and 0 <= v[0] < v[1] <= 1),
+                                            group=MIXING)
+    mix_layers: list[int | str] | None = key(None, "stages to mix at (0 = input, or module names); None = all",
+                                             Rule("a non-empty list of stage indices >= 0 or module names",
+                                                  lambda v: len(v) > 0 and all(isinstance(x, str) or x >= 0
+                                                                               for x in v)), group=MIXING)
+    mix_layer_weights: list[float] | None = key(None, "sampling weights of mix_layers; None = uniform",
+                                                Rule("non-negative with a positive sum",
+                                                     lambda v: all(w >= 0 for w in v) and sum(v) > 0), group=MIXING)
+    label_lam: str = key("exact", "label weight: exact kept share (floor(lam*C)/C) or the sampled lam",
+                         group=MIXING, choices=LABEL_LAM)
+    mixup_off_epoch: int = key(0, "stop mixing from this epoch on; 0 = never", at_least(0), group=MIXING)
+    mix_kwargs: dict = key({}, "method-specific options passed to build_mixer", group=MIXING)
+
+    output: str = key("runs/default", "run folder: checkpoints, resolved config.yaml, logs", group=BOOK,
+                      resumable=True)
+    eval_every: int = key(1, "evaluate every this many epochs", at_least(1), group=BOOK, resumable=True)
+    checkpoint_every_steps: int = key(0, "extra mid-epoch checkpoints; 0 = only at epoch ends", at_least(0),
+                                      group=BOOK, resumable=True)
+    checkpoint_keep: int = key(2, "checkpoints kept on disk", at_least(1), group=BOOK, resumable=True)
+    log_every: int = key(10, "log training metrics every this many optimizer steps", at_least(1), group=BOOK,
+                         resumable=True)
+    wandb_mode: str = key("auto", "W&B mode; auto = online when W&B credentials are present, else offline",
+                          group=BOOK, choices=WANDB_MODES, resumable=True)
+    wandb_project: str = key("catchup", "W&B project", group=BOOK, resumable=True)
+    wandb_entity: str | None = key(None, "W&B team or user; None = the default entity", group=BOOK, resumable=True)
+    wandb_name: str | None = key(None, "W&B run name; None = generated", group=BOOK, resumable=True)
+    wandb_tags: list[str] = key([], "W&B run tags", group=BOOK, resumable=True)
+    wandb_log_model: bool = key(False, "log the final weights as a W&B model artifact (config.json + "
+                                "model.safetensors)", group=BOOK, resumable=True)
+    track_filters: bool = key(False, "log filter-influence statistics during training", group=BOOK)
+    track_filters_every: int = key(100, "optimizer steps between filter statistics", at_least(1), group=BOOK)
 
 
+KEYS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Keys that may differ on `--resume`: how long the run goes on (the lr schedule is rebuilt for a new `epochs`),
+# where the data and workers come from, how often it is evaluated, logged and checkpointed, and W&B. None of them
+# changes what an optimizer step computes; every other key is the run's identity.
+RESUMABLE: tuple[str, ...] = tuple(name for name, f in KEYS.items() if f.metadata["resumable"])
 _TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+FIELDS: tuple[str, ...] = tuple(KEYS)
 CLI = "on the command line"
-
-_LAUNCHER_PRECISION = "mixed precision is chosen at launch: `accelerate launch --mixed_precision bf16|fp16`"
-_LAUNCHER_DEVICES = "devices and processes are chosen at launch by `accelerate launch`"
-# Names people bring from timm's train.py and other mixup code bases; a value that is a field name
-# becomes "did you mean ...?", anything else is shown as is.
-_ALIASES = {
-    "learning_rate": "lr", "label_smoothing": "smoothing", "drop": "drop_rate", "img_size": "input_size",
-    "data": "data_dir", "compile": "torchcompile", "ema": "model_ema", "model_ema_enable": "model_ema",
-    "ema_decay": "model_ema_decay", "checkpoint_hist": "checkpoint_keep", "log_interval": "log_every",
-    "log_wandb": "wandb_mode", "experiment": "output", "mixup_alpha": "mix_alpha", "alpha": "mix_alpha",
-    "mixup_prob": "mix_prob",
-    "mixup": "use `mix: mixup` to pick the method and `mix_alpha` for timm's --mixup alpha",
-    "cutmix": "use `mix: cutmix` to pick the method and `cutmix_alpha` for timm's --cutmix alpha",
-    "nesterov": "timm's `opt: sgd` is already Nesterov SGD; `opt: momentum` is plain momentum SGD",
-    "amp": _LAUNCHER_PRECISION, "amp_dtype": _LAUNCHER_PRECISION, "mixed_precision": _LAUNCHER_PRECISION,
-    "device": _LAUNCHER_DEVICES, "distributed": _LAUNCHER_DEVICES, "local_rank": _LAUNCHER_DEVICES,
-}
 
 
 # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string; recipes are full of such learning
@@ -134,6 +168,8 @@ class _Loader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                break       # the base class refuses it with its own "found unhashable key"
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -155,31 +191,24 @@ for _cls in (_Loader, _Dumper):
 
 
 def _yaml_value(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:      # PyYAML's parser recurses once per bracket
+        raise yaml.YAMLError("brackets nested too deeply") from None
 
 
 def _check_layer(data: Mapping[Any, Any], where: str) -> dict[str, Any]:
     """One recipe layer (a file or the command line) with keys checked and values converted."""
     out = {}
     for key, value in data.items():
-        if key not in _TYPES:
-            raise CatchupError(f"unknown recipe key {key!r} {where}; {_suggest(str(key))}")
+        if not isinstance(key, str) or key not in _TYPES:
+            raise CatchupError(f"unknown recipe key {shown(key)} {where}; {suggest(str(key), FIELDS)}")
         try:
             out[key] = coerce(value, _TYPES[key])
         except Mismatch:
             raise CatchupError(f"recipe key {key!r} expects {describe(_TYPES[key])}, "
-                               f"got {value!r} ({type(value).__name__}) {where}") from None
+                               f"got {shown(value)} ({type(value).__name__}) {where}") from None
     return out
-
-
-def _suggest(key: str) -> str:
-    hint = _ALIASES.get(key.replace("-", "_").lower())
-    if hint is None:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        hint = close[0] if close else None
-    if hint is None:
-        return "the valid keys are the fields of TrainConfig in catchup/config.py"
-    return f"did you mean {hint!r}?" if hint in _TYPES else hint
 
 
 def _read_yaml(path: Path) -> dict:
@@ -215,7 +244,7 @@ def _read_recipe(path: Path, chain: tuple[tuple[Path, str], ...] = ()) -> tuple[
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise CatchupError(f"`_base_` in {path} must be a path or a list of paths, got {bases!r}")
+        raise CatchupError(f"`_base_` in {path} must be a path or a list of paths, got {shown(bases)}")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for base in bases:
@@ -262,8 +291,10 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             text, i = argv[i], i + 1
         try:
             value = _yaml_value(text)
-        except yaml.YAMLError:
-            raise CatchupError(f"cannot parse the value {text!r} of --{name} as YAML") from None
+        except yaml.YAMLError as err:
+            shown = text if len(text) <= 60 else text[:50] + "..."
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise CatchupError(f"cannot parse the value {shown!r} of --{name} as YAML: {problem}") from None
         if key in _TYPES and _TYPES[key] in (str, str | None) and value is not None:
             value = text  # `--wandb-name 2024` names the run "2024"
         out[key] = value
@@ -313,28 +344,35 @@ def dump_config(cfg: TrainConfig, path: str | Path, notes: Sequence[str] = ()) -
 
 
 def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
-    """Raise CatchupError for the first value out of its range or choices.
-
-    `sources` maps keys to where they were set ("in configs/x.yaml"), for the message.
-    """
+    """Raise CatchupError for the first value of the wrong type, out of its range or choices, or at odds with
+    another key. `sources` maps keys to where they were set ("in configs/x.yaml"), for the message."""
     sources = sources or {}
 
     def fail(key: str, why: str) -> typing.NoReturn:
         where = f" (set {sources[key]})" if key in sources else ""
-        raise CatchupError(f"recipe key {key!r} {why}, got {getattr(cfg, key)!r}{where}")
+        raise CatchupError(f"recipe key {key!r} {why}, got {shown(getattr(cfg, key))}{where}")
 
-    # configs built in code skip load_config's type checks; a scalar where a list belongs is not fine here
-    for key, value in _check_layer(config_to_dict(cfg), "in the config").items():
-        if value != getattr(cfg, key):
-            fail(key, f"expects {describe(_TYPES[key])}")
-    for key, choices in _CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            fail(key, f"must be one of {', '.join(choices)}")
-    for key, check, text in _RANGES:
-        if not check(getattr(cfg, key)):
-            fail(key, f"must be {text}")
+    for name, f in KEYS.items():
+        value = getattr(cfg, name)
+        problem = value_problem(value)       # first: nan would pass the equality below and every range
+        if problem:
+            fail(name, problem)
+        try:     # configs built in code skip load_config's type checks; a scalar where a list belongs is not fine
+            if coerce(value, _TYPES[name]) != value:
+                raise Mismatch
+        except Mismatch:
+            fail(name, f"expects {describe(_TYPES[name])}")
+        if value is None:
+            continue
+        if f.metadata["choices"] and value not in f.metadata["choices"]:
+            fail(name, f"must be one of {', '.join(f.metadata['choices'])}")
+        rule = f.metadata["rule"]
+        if rule is not None and not rule.test(value):
+            fail(name, f"must be {rule.text}" + (" or null" if type(None) in typing.get_args(_TYPES[name]) else ""))
     if cfg.decay_milestones and cfg.decay_milestones[-1] >= cfg.epochs:
         fail("decay_milestones", f"must all be < epochs ({cfg.epochs})")
+    if cfg.sched == "step" and not cfg.decay_milestones:
+        fail("decay_milestones", "needs one entry with sched: step (the lr decays every decay_milestones[0] epochs)")
     if cfg.batch_size % cfg.grad_accum_steps:
         fail("batch_size", f"(the global batch) must be divisible by grad_accum_steps ({cfg.grad_accum_steps})")
     if cfg.bce_target_thresh is not None and not cfg.bce_loss:
@@ -342,6 +380,11 @@ def validate(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None
     if cfg.mix_layers is not None and cfg.mix_layer_weights is not None \
             and len(cfg.mix_layers) != len(cfg.mix_layer_weights):
         fail("mix_layer_weights", f"must have one weight per entry of mix_layers ({len(cfg.mix_layers)})")
+    mixing_keys = {name: name for name, f in KEYS.items() if f.metadata["group"] == MIXING}
+    for name, passed in (("mix_kwargs", {**mixing_keys, **MIXER_ARGUMENTS}), ("model_kwargs", MODEL_ARGUMENTS)):
+        problem = kwargs_collision(getattr(cfg, name), passed)
+        if problem:
+            fail(name, problem)
     if isinstance(cfg.torchcompile, str):
         from catchup.compile import compile_backend   # imports dynamo: only when a backend is named
         try:

@@ -2,7 +2,7 @@
 
     python -m catchup.export runs/quickstart exported/quickstart [--ema] [--push-to-hub user/repo]
 
-    import catchup, timm        # `import catchup` registers the project's own models (preactresnet18, ...)
+    import catchup.models, timm   # registers the project's own models (preactresnet18, ...) with timm
     model = timm.create_model("local-dir:exported/quickstart", pretrained=True)
     data_config = timm.data.resolve_data_config(model=model)   # the run's input size and normalisation
 
@@ -10,7 +10,6 @@ With `wandb_log_model: true` in a recipe, train.py logs the same folder as a W&B
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from timm.models import push_to_hf_hub, save_for_hf
 from torch import nn
 
+from catchup.cli import ArgumentParser, run_cli
 from catchup.config import TrainConfig
 from catchup.data import DataInfo
 from catchup.data.transforms import FIXED_FAMILIES
@@ -86,8 +86,8 @@ def log_model_artifact(wandb_run: Any, model: nn.Module, cfg: TrainConfig, info:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m catchup.export",
-                                     description="export a run's weights for timm: config.json + model.safetensors")
+    parser = ArgumentParser(prog="python -m catchup.export",
+                            description="export a run's weights for timm: config.json + model.safetensors")
     parser.add_argument("run", type=Path, help="run folder (config.yaml, model.safetensors)")
     parser.add_argument("out", type=Path, help="new folder for the export; load it with "
                         "timm.create_model('local-dir:OUT', pretrained=True)")
@@ -101,5 +101,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from catchup.cli import run_cli
     run_cli(main)

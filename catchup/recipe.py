@@ -116,11 +116,9 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_p
     kwargs: dict[str, Any] = dict(sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
                                   step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    if cfg.sched in ("multistep", "step"):
-        if not cfg.decay_milestones:
-            raise CatchupError(f"sched: {cfg.sched} needs decay_milestones (epochs; 'step' decays every "
-                               "decay_milestones[0] epochs)")
+    if cfg.sched == "multistep":      # no milestones (the default): a constant lr after the warmup
         kwargs["decay_milestones"] = list(cfg.decay_milestones)
+    elif cfg.sched == "step":         # validate made sure it has its period
         kwargs["decay_epochs"] = cfg.decay_milestones[0]
     scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
     return scheduler

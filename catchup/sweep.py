@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catchup.cli import run_cli
+from catchup.cli import ArgumentParser, run_cli
 from catchup.config import load_config
 from catchup.errors import CatchupError
 from catchup.runs import latest_checkpoint
@@ -241,9 +241,8 @@ def _add_time(run_dir: Path, wall: float, cpu: float) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
-                                allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for "
-                                                           "every run.")
+    p = ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
+                       allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for every run.")
     p.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML shared by every run")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="recipe keys and their values; one run per combination")

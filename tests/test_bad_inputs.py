@@ -4,6 +4,7 @@ command was pointed at byte-identical afterwards."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import train as train_script
+from catchup.cli import run_cli
 from tests.helpers import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,3 +232,99 @@ def test_bad_input_gives_one_error_line(place, build, message, untouched):
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     assert [snapshot(f) for f in watched] == before
 
+
+# Recipe values: train.py refuses them before torch loads (tests/test_package.py checks that it does not load),
+# so each case runs in this process, through train.py's own main and run_cli as a user's process would.
+DEEP = "[" * 5000 + "]" * 5000
+RECIPE_CASES = [
+    # (id, recipe text, command-line overrides, what the error line must contain)
+    ("list-for-a-float", "lr: [0.1]", [], "'lr' expects a float"),
+    ("mapping-for-a-string", "mix: {catchup: 1}", [], "'mix' expects a string"),
+    ("list-as-a-key", "? [lr]\n: 0.1", [], "found unhashable key"),
+    ("list-as-a-mix_kwargs-key", "mix_kwargs: {? [a] : 1}", [], "found unhashable key"),
+    ("number-as-a-mix_kwargs-key", "mix_kwargs: {1: 2}", [], "'mix_kwargs' must have non-empty text keys"),
+    ("5000-brackets-in-a-file", f"lr: {DEEP}", [], "nested too deeply"),
+    ("5000-brackets-on-the-command-line", "", ["--mix-kwargs", "{a: " * 5000 + "1" + "}" * 5000],
+     "nested too deeply"),
+    ("kwargs-nested-20-deep", "mix_kwargs: " + "{a: " * 20 + "1" + "}" * 20, [], "nested more than 8"),
+    ("kwargs-holding-themselves", "mix_kwargs: &a {a: *a}", [], "nested more than 8"),
+    ("kwargs-a-billion-items", "mix_kwargs:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdef", "bcdefg")), [], "'mix_kwargs' holds more than 10000 items"),
+    ("empty-layer-name", "mix: catchup\nmix_layers: ['']", [], "'mix_layers' must not hold an empty string"),
+    ("empty-model-name", "model: ''", [], "'model' must not be an empty string"),
+    ("infinite-mix_alpha", "mix: mixup\nmix_alpha: .inf", [], "'mix_alpha' must be a finite number"),
+    ("infinite-cutmix_alpha", "cutmix_alpha: .inf", [], "'cutmix_alpha' must be a finite number"),
+    ("infinite-layer-weight", "mix_layers: [0, 1]\nmix_layer_weights: [1, .inf]", [],
+     "'mix_layer_weights' must hold finite numbers only"),
+    ("infinite-lr", "lr: .inf", [], "'lr' must be a finite number"),
+    ("nan-lr-on-the-command-line", "", ["--lr", ".nan"], "'lr' must be a finite number"),
+    ("infinite-in-model_kwargs", "model_kwargs: {scale: -.inf}", [], "'model_kwargs' must hold finite numbers only"),
+    ("mix_kwargs-repeats-num_classes", "mix: catchup\nmix_kwargs: {num_classes: 10}", [],
+     "'mix_kwargs' cannot set 'num_classes'"),
+    ("mix_kwargs-repeats-a-mixing-key", "mix_kwargs: {mix_alpha: 2}", [], "use the recipe key 'mix_alpha'"),
+    ("mix_kwargs-sets-alpha", "mix_kwargs: {alpha: 2}", [], "use the recipe key 'mix_alpha'"),
+    ("model_kwargs-repeats-in_chans", "model_kwargs: {in_chans: 3}", [], "comes from the dataset"),
+    ("seed-not-an-int", "seed: 1.5", [], "'seed' expects an int"),
+    ("seed-negative", "seed: -1", [], "'seed' must be in [0, 2147483647]"),
+    ("seed-2**40", "seed: 1099511627776", [], "'seed' must be in [0, 2147483647]"),
+    ("momentum-5", "momentum: 5", [], "'momentum' must be in [0, 1)"),
+    ("momentum-1", "", ["--momentum", "1"], "'momentum' must be in [0, 1)"),
+    ("step-without-milestones", "sched: step", [], "needs one entry with sched: step"),
+    ("erasing-mode", "remode: noise", [], "'remode' must be one of const, rand, pixel"),
+    ("flip-probability", "hflip: 1.5", [], "'hflip' must be in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("text, overrides, message", [c[1:] for c in RECIPE_CASES], ids=[c[0] for c in RECIPE_CASES])
+def test_bad_recipe_value_gives_one_error_line(tmp_path, capsys, text, overrides, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text + "\n")
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train_script.main(["--config", str(recipe), "--output", str(output), *overrides]))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and len(errors[0]) < 600 and not output.exists()
+
+
+def test_the_built_in_defaults_are_a_valid_recipe(tmp_path, capsys):
+    """An empty recipe passes every check train.py makes before it loads torch."""
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# nothing\n")
+    args, overrides = train_script.parse_args(["--config", str(recipe), "--output", str(tmp_path / "run")])
+    cfg = train_script.load_config(args.config, overrides)
+    assert train_script.check_output(cfg, args.resume, args.overwrite) == {}
+
+
+# argparse's own refusals (usage line + `prog: error:`) come out as the project's one line; the torch-free
+# scripts run as processes (a fraction of a second each), the two that import torch at the top in this one
+ARGPARSE_CASES = [
+    ("train-without-config", ["train.py"], "the following arguments are required: -c/--config"),
+    ("train-config-without-value", ["train.py", "--config"], "argument -c/--config: expected one argument"),
+    ("evaluate-batch-size-not-a-number", ["evaluate.py", "--batch-size", "x"], "invalid int value: 'x'"),
+    ("analysis-without-command", ["-m", "catchup.analysis"], "the following arguments are required: command"),
+    ("analysis-steps-not-a-number", ["-m", "catchup.analysis", "filters", "--steps", "x"], "invalid int value"),
+    ("config-help-without-action", ["-m", "catchup.config_help"], "one of the arguments --markdown"),
+]
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in ARGPARSE_CASES], ids=[c[0] for c in ARGPARSE_CASES])
+def test_argparse_refusal_is_one_error_line(args, message):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: "), proc.stderr
+    assert message in proc.stderr and "(see --help)" in proc.stderr
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("catchup.export", [], "python -m catchup.export: the following arguments are required: run, out"),
+    ("catchup.sweep", ["--jobs", "x"], "python -m catchup.sweep: argument --jobs: invalid int value: 'x'"),
+])
+def test_argparse_refusal_of_the_torch_scripts_is_one_error_line(capsys, module, argv, message):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: main(argv))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message} (see --help)"]

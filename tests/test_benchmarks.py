@@ -110,3 +110,13 @@ def test_interleaving_is_round_robin_with_a_rotating_start(timing):
     times = timing.interleaved_times(fns, 3, torch.device("cpu"))
     assert calls == list("abc" "bca" "cab")
     assert all(len(v) == 3 and all(wall >= 0 and cpu >= 0 for wall, cpu in v) for v in times.values())
+
+
+def test_every_benchmark_script_ends_through_run_cli():
+    """The benchmarks report a user error as the scripts do (catchup.cli.run_cli), not with a wrapper of their own."""
+    scripts = [p for p in sorted(BENCHMARKS.glob("*.py")) if not p.name.startswith("_")]
+    assert len(scripts) >= 6
+    for path in scripts:
+        source = path.read_text()
+        assert source.rstrip().endswith('if __name__ == "__main__":\n    run_cli(main)'), path.name
+        assert "except CatchupError" not in source and 'sys.exit(f"error' not in source, path.name

@@ -266,6 +266,8 @@ def test_validate_catches_wrong_types_in_code():
     {"mix_layers": []}, {"mix_layers": [-1]}, {"drop_path": 1.0}, {"num_classes": 0}, {"clip_grad": 0},
     {"max_steps": -1}, {"weight_decay": -1e-4}, {"warmup_epochs": -1},
     {"bce_target_thresh": 0.2}, {"bce_target_thresh": 1.0, "bce_loss": True},
+    {"momentum": 1.0}, {"momentum": 5}, {"seed": -1}, {"seed": 2**40}, {"decay_milestones": [], "sched": "step"},
+    {"hflip": 1.5}, {"remode": "noise"}, {"scale": [0.9, 0.1]}, {"train_interpolation": "cubic"}, {"crop_pct": 0.0},
 ])
 def test_out_of_range_values(overrides):
     key = next(iter(overrides))  # the first key is the one at fault
@@ -274,7 +276,8 @@ def test_out_of_range_values(overrides):
 
 @pytest.mark.parametrize("overrides", [
     {"lr": 1e-6, "smoothing": 0.0, "train_fraction": 1.0, "mix_prob": 0.0, "model_ema_decay": 0.5},
-    {"decay_milestones": [1, 99], "epochs": 100}, {"sched": "cosine"}, {"sched": "step"}, {"sched": "none"},
+    {"decay_milestones": [1, 99], "epochs": 100}, {"sched": "cosine"}, {"sched": "step", "decay_milestones": [30]},
+    {"sched": "none"}, {"momentum": 0.0}, {"seed": 2**31 - 1},
     {"label_lam": "sampled"}, {"wandb_mode": "disabled"}, {"opt": "adamw"}, {"opt": "lookahead_adamw"},
     {"opt": "momentum"}, {"opt": "AdamW"}, {"batch_size": 12, "grad_accum_steps": 4},
     {"cutmix_minmax": [0.0, 1.0]}, {"mix_layers": [0, "layer1"], "mix_layer_weights": [0.0, 2]},

@@ -1,15 +1,18 @@
-"""`train.py --help` and the README's key tables come from TrainConfig's `name: type = default  # meaning` lines."""
+"""`train.py --help`, the README's key tables, the range checks and the resumable set all come from TrainConfig's
+`key(default, help, rule, group=..., choices=..., resumable=...)` fields."""
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import train
-from catchup.config import TrainConfig
+from catchup import rundir
+from catchup.config import RESUMABLE, TrainConfig, validate
+from catchup.config_checks import at_least, key, within
 from catchup.config_help import markdown, readme_section, recipe_keys, update_readme
 from catchup.errors import CatchupError
 from catchup.mix import MIXERS
@@ -17,19 +20,9 @@ from catchup.mix import MIXERS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lines_of_config() -> list[tuple[str, str, str]]:
-    """(group, key, meaning) read line by line from config.py with plain regular expressions."""
-    out, group, inside = [], None, False
-    for line in (ROOT / "catchup" / "config.py").read_text().splitlines():
-        if line.startswith("class TrainConfig"):
-            inside = True
-        elif inside and line and not line.startswith(" "):
-            break
-        elif inside and (m := re.fullmatch(r"    # (\w[\w ]*)", line)):
-            group = m.group(1)
-        elif inside and (m := re.match(r"    (\w+): .*?  # (.*)$", line)):
-            out.append((group, m.group(1), m.group(2)))
-    return out
+def _described() -> list[tuple[str, str, str]]:
+    """(group, key, help) of every TrainConfig field, straight from its metadata."""
+    return [(f.metadata["group"], f.name, f.metadata["help"]) for f in dataclasses.fields(TrainConfig)]
 
 
 def _help(capsys) -> str:
@@ -42,8 +35,7 @@ def _help(capsys) -> str:
 def test_help_lists_every_key_under_its_group_with_default_and_meaning(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")        # no wrapping inside the texts
     text = " ".join(_help(capsys).split())
-    expected = _lines_of_config()
-    assert [k for _, k, _ in expected] == [f.name for f in dataclasses.fields(TrainConfig)]
+    expected = _described()
     position = -1
     for group, key, meaning in expected:
         title = text.index(f"{group} (recipe keys):")
@@ -51,9 +43,11 @@ def test_help_lists_every_key_under_its_group_with_default_and_meaning(capsys, m
         assert at > position, f"--{key} is out of TrainConfig's order"
         assert meaning.split(";")[0] in text[at:], key
         position = at
-    assert "--lr FLOAT peak learning rate (default: 0.1)" in text
+    assert "--lr FLOAT peak learning rate (> 0; default: 0.1)" in text
+    assert "--epochs INT training epochs (>= 1; may change on --resume; default: 100)" in text
     assert "--mix-layers LIST" in text and "--channels-last, --no-channels-last" in text
-    assert "(default: preactresnet18)" in text and "--wandb-tags LIST W&B run tags (default: [])" in text
+    assert "(default: preactresnet18)" in text
+    assert "--wandb-tags LIST W&B run tags (may change on --resume; default: [])" in text
     mix = text[text.index("--mix STR"):text.index("--mix-prob")]
     assert all(name in mix for name in MIXERS), "the mix key lists every registered method"
 
@@ -65,30 +59,57 @@ def test_recipe_keys_stay_overrides_for_load_config():
 
 @dataclass
 class _Recipe:
-    # first
-    alpha: int = 3  # how many
-    beta: list[str] = field(  # names,
-        default_factory=lambda: ["a"])
-    # second group
-    gamma: float | None = None  # off when null; sharp: 50% (a | b)
+    alpha: int = key(3, "how many", at_least(1), group="first", resumable=True)
+    beta: list[str] = key(["a"], "names,", group="first", choices=("a", "b"))
+    gamma: float | None = key(None, "off when null; sharp: 50% (a | b)", within(0, 1, "(]"), group="second group")
 
 
 @dataclass
 class _Undocumented:
-    # only
-    delta: int = 1
+    # a group in a comment
+    delta: int = 1  # and a meaning in a comment: neither is read any more
 
 
-def test_new_fields_in_the_comment_form_are_picked_up():
+def test_a_new_key_is_one_field_and_shows_up_with_its_rule_choices_and_resume_mark():
     docs = recipe_keys(_Recipe)
-    assert [(d.group, d.name, d.default, d.metavar) for d in docs] == [
-        ("first", "alpha", "3", "INT"), ("first", "beta", "[a]", "LIST"), ("second group", "gamma", "null", "FLOAT")]
-    assert docs[1].meaning == "names,"
+    assert [(d.group, d.name, d.default, d.metavar, d.values) for d in docs] == [
+        ("first", "alpha", "3", "INT", ">= 1; may change on --resume"), ("first", "beta", "[a]", "LIST", "a, b"),
+        ("second group", "gamma", "null", "FLOAT", "in (0, 1] or null")]
+    assert _Recipe().beta is not _Recipe().beta          # list defaults are fresh per config
     table = markdown(docs)
-    assert "| `gamma` | `null` | off when null; sharp: 50% (a &#124; b) |" in table
+    assert "| `gamma` | `null` | off when null; sharp: 50% (a &#124; b) | in (0, 1] or null |" in table
     assert table.index("**first**") < table.index("`beta`") < table.index("**second group**")
-    with pytest.raises(CatchupError, match="delta"):
+    with pytest.raises(CatchupError, match="field 'delta' is not described: declare it with"):
         recipe_keys(_Undocumented)
+
+
+def test_the_rules_in_the_metadata_are_the_ones_validate_applies():
+    """For every key with a rule: validate refuses a probe value exactly when the rule does, naming the rule."""
+    probes = [-1, 0, 0.5, 1, 2, 2**40, [0.9, 0.1], [0.1, 0.9], [-1.0, 1.0], [3, 2]]
+    base = TrainConfig(epochs=10**12, bce_loss=True)
+    refused = 0
+    for f in dataclasses.fields(TrainConfig):
+        for value in probes if f.metadata["rule"] else []:
+            try:
+                validate(dataclasses.replace(base, **{f.name: value}))
+                message = ""
+            except CatchupError as err:
+                message = str(err)
+            if "expects" in message or message and f"recipe key '{f.name}'" not in message:
+                continue        # not a value of this key's type, or another key's check answered first
+            assert f.metadata["rule"].test(value) == (not message), (f.name, value, message)
+            if message:
+                assert f"recipe key '{f.name}' must be {f.metadata['rule'].text}" in message
+                refused += 1
+    assert refused > 50
+
+
+def test_the_resumable_set_is_read_from_the_keys():
+    marked = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"]]
+    assert RESUMABLE == tuple(marked) and {"epochs", "output", "wandb_name"} <= set(RESUMABLE)
+    assert "lr" not in RESUMABLE and "seed" not in RESUMABLE
+    # catchup/rundir.py still spells the tuple out until it imports this one; the two must agree
+    assert set(rundir.RESUMABLE) == set(RESUMABLE)
 
 
 def test_readme_tables_are_generated_from_config(tmp_path):

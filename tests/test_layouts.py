@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+import catchup.models  # noqa: F401  (registers preactresnet18 with timm)
 from catchup import CatchupError, build_mixer
 from catchup.mix.alignmix import alignmix
 from catchup.stages import infer_layout

@@ -1,5 +1,6 @@
 """The installable package: metadata that matches requirements.txt, a wheel whose commands work from any folder,
-the model zoo registered on import, and graph-cut methods that say how to get their optional dependency."""
+the model zoo registered by `import catchup.models`, and graph-cut methods that say how to get their optional
+dependency."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 
-import catchup
+import catchup.models
 from catchup.errors import CatchupError
 from catchup.mix import build_mixer
 
@@ -42,15 +43,14 @@ def test_the_wheel_lists_every_subpackage():
     assert set(packages) == on_disk | {"catchup.scripts"}
 
 
-def test_import_registers_the_model_zoo_with_timm():
-    assert catchup.__name__ == "catchup"
+def test_importing_catchup_models_registers_the_zoo_with_timm():
+    assert "preactresnet18" in catchup.models.MODEL_NAMES
     model = timm.create_model("preactresnet18", num_classes=3, width=4)
     assert model.num_classes == 3
 
 
-@pytest.mark.parametrize("order", ["catchup first", "timm first"])
-def test_a_fresh_interpreter_gets_the_zoo_whichever_is_imported_first(order, tmp_path):
-    imports = "import catchup, timm" if order == "catchup first" else "import timm, catchup"
+@pytest.mark.parametrize("imports", ["import catchup.models, timm", "import timm, catchup.models"])
+def test_a_fresh_interpreter_gets_the_zoo_whichever_is_imported_first(imports, tmp_path):
     code = (f"{imports}\nfrom timm import create_model\n"
             "print(type(create_model('preactresnet18', num_classes=3, width=4)).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -59,13 +59,20 @@ def test_a_fresh_interpreter_gets_the_zoo_whichever_is_imported_first(order, tmp
     assert out.stdout.strip() == "PreActResNet"
 
 
-def test_the_scripts_argument_checks_do_not_load_torch(tmp_path):
-    code = ("import sys, catchup.config, catchup.config_help, catchup.rundir, catchup.stopping, catchup.suites\n"
-            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+def test_import_catchup_and_the_argument_checks_load_no_torch_and_hook_nothing(tmp_path):
+    """The scripts check a recipe before torch loads (a mistyped key answers in a fraction of a second), and
+    importing the package leaves the import system as it was."""
+    code = ("import runpy, sys; finders = list(sys.meta_path)\n"
+            "import catchup, catchup.config, catchup.config_help, catchup.rundir, catchup.stopping, catchup.suites\n"
+            "hooked = sys.meta_path != finders\n"
+            "sys.argv = ['train.py', '--config', 'configs/quickstart.yaml', '--lrr', '3']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as stop:\n"
+            "    print(stop.code, sorted(m for m in ('torch', 'timm') if m in sys.modules), hooked)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "2 [] False", out.stderr
+    assert out.stderr.strip() == "error: unknown recipe key 'lrr' on the command line; did you mean 'lr'?"
 
 
 @pytest.mark.parametrize("method", ["puzzlemix", "comixup"])
@@ -103,7 +110,7 @@ def test_wheel_installs_commands_that_work_from_another_folder(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    check_import = ("import catchup, timm, catchup.scripts.train; "
+    check_import = ("import catchup.models, timm, catchup.scripts.train; "
                     "print(catchup.__file__); print(type(timm.create_model('preactresnet18', num_classes=3)).__name__)")
     commands = {
         "import": [str(python), "-c", check_import],

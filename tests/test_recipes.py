@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from torch import nn
 
+from catchup import recipe, runs
 from catchup.config import TrainConfig, load_config
+from catchup.config_checks import MIXER_ARGUMENTS, MODEL_ARGUMENTS
 from catchup.errors import CatchupError
-from catchup.data import build_datasets
+from catchup.data import DataInfo, build_datasets
 from catchup.mix import MIXERS
 from catchup.recipe import make_criterion, make_mixer, make_optimizer, make_scheduler
 from catchup.runs import build_model
@@ -110,6 +113,33 @@ def test_a_recipe_that_cannot_be_built_fails(tmp_path, data_dirs, line, problem)
     recipe.write_text(f"_base_: {ROOT / 'configs' / 'cifar100' / 'preactresnet18_puzzlemix.yaml'}\n{line}\n")
     with pytest.raises(CatchupError, match=problem):
         _build(recipe, data_dirs)
+
+
+def test_the_built_in_defaults_train_with_a_constant_lr():
+    """An empty recipe is valid: multistep with no milestones never decays (after the warmup, when there is one)."""
+    cfg = load_config(None)
+    assert cfg.sched == "multistep" and cfg.decay_milestones == []
+    scheduler = make_scheduler(cfg, make_optimizer(cfg, nn.Linear(2, 2)), updates_per_epoch=10)
+    lrs = [scheduler._get_lr(step)[0] for step in (0, 10, 500, 999)]
+    assert lrs == [cfg.lr] * 4
+
+
+def test_the_arguments_the_code_passes_are_the_ones_kwargs_may_not_repeat(monkeypatch):
+    """config_checks.MIXER_ARGUMENTS / MODEL_ARGUMENTS list what make_mixer and build_model pass themselves, so
+    that `mix_kwargs: {num_classes: 3}` is refused up front instead of colliding there."""
+    passed = {}
+    monkeypatch.setattr(recipe, "build_mixer", lambda name, model, **kwargs: passed.setdefault("mixer", kwargs))
+    monkeypatch.setattr(runs.timm, "create_model", lambda name, **kwargs: passed.setdefault("model", kwargs))
+    cfg = load_config(None, {"mix": "puzzlemix", "mix_alpha": 2.0, "mix_prob": 0.5, "drop_path": 0.1})
+    info = DataInfo(num_classes=10, in_chans=3, input_size=32, mean=(0.5,) * 3, std=(0.2,) * 3, family="cifar")
+    recipe.make_mixer(cfg, None, info, process_index=0)
+    build_model(cfg, info)
+    assert set(passed["mixer"]) == set(MIXER_ARGUMENTS)
+    assert set(passed["model"]) == set(MODEL_ARGUMENTS)
+    for name, where in (("mix_kwargs", MIXER_ARGUMENTS), ("model_kwargs", MODEL_ARGUMENTS)):
+        for argument in where:
+            with pytest.raises(CatchupError, match=f"recipe key '{name}' cannot set '{argument}'"):
+                load_config(None, {name: {argument: 1}})
 
 
 def test_readme_documents_every_recipe_key_and_ci_runs_its_test_command():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from catchup.cli import run_cli
+from catchup.cli import ArgumentParser, run_cli
 from catchup.errors import CatchupError
 from catchup.rundir import check_writable
 
@@ -29,8 +29,8 @@ DIRECTIONS = ("hessian", "random")     # as in catchup.analysis.landscape, which
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m catchup.analysis", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = ArgumentParser(prog="python -m catchup.analysis", description=__doc__.splitlines()[0],
+                            allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p: argparse.ArgumentParser, many: bool) -> None:

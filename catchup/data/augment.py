@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from catchup.config import KEYS
 from catchup.errors import CatchupError
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-ERASE_MODES = ("const", "rand", "pixel")
 AUTOAUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
 # RandAugment sections timm parses (`rand-m9-n2-mstd0.5-mmax10-inc1-p0.5-t<choices>`); timm skips some malformed
 # sections silently (`rand-mX` keeps the default magnitude), so the grammar is checked here first.
@@ -77,28 +76,20 @@ def check_aa(aa: str) -> None:
 
 
 def check_augment(aug: Augment) -> None:
+    """The recipe's own rules for these keys (TrainConfig's fields, which load_config already applied to a
+    recipe), for an Augment built in code; and the auto-augment grammar."""
     if aug.aa is not None:
         check_aa(aug.aa)
-    for key in ("reprob", "hflip", "vflip"):
-        if not 0 <= getattr(aug, key) <= 1:
-            raise _fail(key, "must be a probability in [0, 1]", getattr(aug, key))
-    if aug.remode not in ERASE_MODES:
-        raise _fail("remode", f"must be one of {', '.join(ERASE_MODES)}", aug.remode)
-    if aug.recount < 1:
-        raise _fail("recount", "must be >= 1", aug.recount)
-    if not (len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1):
-        raise _fail("scale", "must be [min, max] with 0 < min <= max <= 1", list(aug.scale))
-    if not (len(aug.ratio) == 2 and 0 < aug.ratio[0] <= aug.ratio[1]):
-        raise _fail("ratio", "must be [min, max] with 0 < min <= max", list(aug.ratio))
-    if aug.color_jitter < 0:
-        raise _fail("color_jitter", "must be >= 0", aug.color_jitter)
-    if aug.train_interpolation not in (*INTERPOLATIONS, "random"):
-        raise _fail("train_interpolation", f"must be random or one of {', '.join(INTERPOLATIONS)}",
-                    aug.train_interpolation)
-    if aug.interpolation is not None and aug.interpolation not in INTERPOLATIONS:
-        raise _fail("interpolation", f"must be null or one of {', '.join(INTERPOLATIONS)}", aug.interpolation)
-    if aug.crop_pct is not None and not 0 < aug.crop_pct <= 1:
-        raise _fail("crop_pct", "must be in (0, 1] or null", aug.crop_pct)
+    for f in dataclasses.fields(aug):
+        value = getattr(aug, f.name)
+        if f.name not in KEYS or value is None:
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        choices, rule = KEYS[f.name].metadata["choices"], KEYS[f.name].metadata["rule"]
+        if choices and value not in choices:
+            raise _fail(f.name, f"must be one of {', '.join(choices)}", value)
+        if rule is not None and not rule.test(value):
+            raise _fail(f.name, f"must be {rule.text}", value)
 
 
 def resolve_model_data(aug: Augment, input_size: int | None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Every model here is a plain timm citizen: a `default_cfgs` entry, a `@register_m
 classifier methods (`forward_features`, `forward_head`, `reset_classifier`, ...), so `timm.create_model`,
 `resolve_data_config` and timm's training tools work on it unchanged.
 """
-from typing import Any, Dict, List, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import nn
@@ -93,13 +93,35 @@ class CifarClassifier(nn.Module):
     """stem -> stages -> final -> global pool -> dropout -> fc, with timm's classifier interface.
 
     Subclasses build `self.stem`, `self.stages` (an `nn.Sequential` of stage `nn.Sequential`s, the modules
-    named in `feature_info`) and `self.final` (head-side norm/conv, or `nn.Identity`), then call `_init_head`.
+    named in `feature_info`) and `self.final` (head-side norm/conv, or `nn.Identity`), then call `_init_head`;
+    the pre-activation residual nets build their stages and final BN-ReLU with `_build_stages`.
     """
 
     stem: nn.Module
     stages: nn.Sequential
     final: nn.Module
     feature_info: List[Dict[str, Any]]
+
+    def _build_stages(self, in_chs: int, reduction: int, depths: Sequence[int], drop_path_rate: float,
+                      make_block: Callable[[int, int, int, float], Tuple[nn.Module, int]]) -> int:
+        """`self.stages`: `depths[i]` blocks in stage i, the first stage at stride 1 and each later one halving the
+        resolution in its first block; one `feature_info` entry per stage; the final BN-ReLU. Stochastic depth
+        rises over all blocks. `make_block(stage, in_chs, stride, drop_path_rate)` returns (block, its output
+        channels). Returns the channels of the last stage."""
+        rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
+        stages = []
+        for i, depth in enumerate(depths):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for b in range(depth):
+                block, in_chs = make_block(i, in_chs, stride if b == 0 else 1, next(rates))
+                blocks.append(block)
+            reduction *= stride
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.final = nn.Sequential(nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
+        return in_chs
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         self.num_features = num_features

@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
 from catchup.errors import CatchupError
-from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, drop_path_rates, init_weights
+from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, init_weights
 
 
 class PreActBasicBlock(nn.Module):
@@ -92,19 +92,11 @@ class PreActResNet(CifarClassifier):
         self.stem = nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=False)
         self.feature_info = [dict(num_chs=width, reduction=stem_stride, module="stem")]
 
-        dpr = iter(drop_path_rates(drop_path_rate, sum(layers)))
-        in_chs, reduction, stages = width, stem_stride, []
-        for i, depth in enumerate(layers):
-            planes, stride = width * 2**i, 1 if i == 0 else 2
-            blocks = []
-            for b in range(depth):
-                blocks.append(block(in_chs, planes, stride if b == 0 else 1, next(dpr)))
-                in_chs = planes * block.expansion
-            reduction *= stride
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self.final = nn.Sequential(nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
+        def make_block(stage: int, in_chs: int, stride: int, drop_path: float) -> tuple:
+            planes = width * 2**stage
+            return block(in_chs, planes, stride, drop_path), planes * block.expansion
+
+        in_chs = self._build_stages(width, stem_stride, layers, drop_path_rate, make_block)
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
         init_weights(self)
 

@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
 from catchup.errors import CatchupError
-from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, drop_path_rates, init_weights
+from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, init_weights
 
 
 def _bn_relu_conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, relu: bool = True) -> list:
@@ -69,19 +69,18 @@ class PyramidNet(CifarClassifier):
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.feature_info = [dict(num_chs=width, reduction=1, module="stem")]
 
-        dpr = iter(drop_path_rates(drop_path_rate, 3 * n))
-        planes, in_chs, reduction, stages = float(width), width, 1, []
-        for i in range(3):
-            stride, blocks = 1 if i == 0 else 2, []
-            for b in range(n):
-                planes += add_rate
-                blocks.append(PyramidBlock(in_chs, round(planes), stride if b == 0 else 1, bottleneck, next(dpr)))
-                in_chs = round(planes) * expansion
-            reduction *= stride
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self.final = nn.Sequential(nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
+        # the widths grow by add_rate per block, summed in floating point as the authors' code does
+        planes, widths = float(width), []
+        for _ in range(3 * n):
+            planes += add_rate
+            widths.append(round(planes))
+        next_width = iter(widths)
+
+        def make_block(stage: int, in_chs: int, stride: int, drop_path: float) -> tuple:
+            planes = next(next_width)
+            return PyramidBlock(in_chs, planes, stride, bottleneck, drop_path), planes * expansion
+
+        in_chs = self._build_stages(width, 1, (n, n, n), drop_path_rate, make_block)
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
         init_weights(self)
 

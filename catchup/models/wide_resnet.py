@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
 from catchup.errors import CatchupError
-from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, drop_path_rates, init_weights
+from catchup.models._common import CifarClassifier, build_cifar_model, cifar_cfg, init_weights
 
 
 class WideBasicBlock(nn.Module):
@@ -60,19 +60,11 @@ class WideResNet(CifarClassifier):
         self.stem = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
         self.feature_info = [dict(num_chs=width, reduction=1, module="stem")]
 
-        dpr = iter(drop_path_rates(drop_path_rate, 3 * n))
-        in_chs, reduction, stages = width, 1, []
-        for i in range(3):
-            out_chs, stride = width * widen_factor * 2**i, 1 if i == 0 else 2
-            blocks = []
-            for b in range(n):
-                blocks.append(WideBasicBlock(in_chs, out_chs, stride if b == 0 else 1, block_drop_rate, next(dpr)))
-                in_chs = out_chs
-            reduction *= stride
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self.final = nn.Sequential(nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
+        def make_block(stage: int, in_chs: int, stride: int, drop_path: float) -> tuple:
+            out_chs = width * widen_factor * 2**stage
+            return WideBasicBlock(in_chs, out_chs, stride, block_drop_rate, drop_path), out_chs
+
+        in_chs = self._build_stages(width, 1, (n, n, n), drop_path_rate, make_block)
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
         init_weights(self)
 
