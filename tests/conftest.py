@@ -1,6 +1,12 @@
 """Fixtures shared by several test modules."""
+import os
+
 import pytest
 import torch
+
+# No test needs the W&B service: runs that log do so to offline files (also in the processes tests start)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="module")

@@ -288,3 +288,33 @@ def test_two_timm_processes_draw_different_plans(tmp_path):
             _, rank, data = line.split(" ", 2)
             plans[int(rank)] = json.loads(data)
     assert sorted(plans) == [0, 1] and plans[0] != plans[1]
+
+
+def test_the_collate_form_in_timms_loop_sizes_checkpoints_and_resumes():
+    """FastCollateMixup's place: a model built for 32 px, gradient checkpointing on, worker processes, timm's
+    --cutmix alone; the plans of epoch 1 again after a resume with ``seek``."""
+    def timm_run(epochs, start_epoch=0):
+        torch.manual_seed(42)                                  # timm's --seed 42, rank 0
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).train()
+        model.set_grad_checkpointing(True)
+        collate_fn = build_mixer("catchup", model, **timm_mixup_args(["--cutmix", "1.0"])).collate
+        collate_fn.mixer.seek(start_epoch * 3)                 # after timm's resume_checkpoint
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.rand(3, 32, 32, generator=g), i % 5) for i in range(12)]
+        applied = []
+        inner = collate_fn.mixer.hooks.mix_fn
+        collate_fn.mixer.hooks.mix_fn = lambda h, plan: (applied.append(plan.layer), inner(h, plan))[1]
+        plans = []
+        for epoch in range(start_epoch, epochs):
+            loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate_fn, num_workers=2)
+            for input, target in loader:
+                plan = input.mix_plan
+                del applied[:]
+                SoftTargetCrossEntropy()(model(input), target).backward()
+                # a feature plan mixes once in the forward and again in each checkpointed recomputation
+                assert set(applied) == ({plan.layer} if plan is not None and plan.layer > 0 else set())
+                plans.append(plan)
+        return plans
+    whole = timm_run(epochs=2)
+    assert any(p.layer > 0 for p in whole) and any(p.layer == 0 for p in whole)
+    assert same_plans(timm_run(epochs=2, start_epoch=1), whole[3:])
