@@ -382,3 +382,29 @@ def test_methods_mixing_whole_batches_refuse_per_sample_modes():
         build_mixer("catchup", TinyNet(), **mixup_args(mode="elem"))
     with pytest.raises(CatchupError, match="offers mode 'batch' or 'elem' or 'pair', not 'half'"):
         build_mixer("mixup", None, **mixup_args(mode="half"))
+
+
+def test_only_order_keeping_operations_carry_the_plan_and_a_lost_plan_is_refused():
+    model = TinyNet()
+    mixer = build_mixer("catchup", model, layers=["b"], num_classes=NUM_CLASSES, seed=0)
+    x, _ = mixer.collate([(torch.rand(3, 8, 8), i % NUM_CLASSES) for i in range(6)])
+    plan = x.mix_plan
+    assert plan is not None and plan.layer == 1
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    kept = [x.to(torch.float64), x.clone().sub_(0.1).div_(0.2), (x - mean) / 0.2, x.clone(), x.detach(),
+            x.contiguous(memory_format=torch.channels_last), x.half()]
+    assert all(isinstance(y, PlannedBatch) and y.mix_plan is plan for y in kept)
+    # reordering, re-batching and reducing results never carry partner indices that now point elsewhere
+    dropped = [x.flip(0), x[torch.tensor([1, 0, 2, 3, 4, 5])], x.roll(1, 0), torch.cat([x[3:], x[:3]]),
+               x.sum(dim=(1, 2, 3)), x.mean(1), x[:3]]
+    assert not any(isinstance(y, PlannedBatch) for y in dropped)
+    model.train()
+    with pytest.raises(CatchupError, match="carries no mix plan.* dropped it"):
+        model(x.flip(0))
+    model(x)                                       # the plan as the collate_fn made it: fine
+    model.eval()(x.flip(0))                        # evaluation needs no plan
+    model.train()
+    xm, _ = mixer(torch.rand(6, 3, 8, 8), torch.arange(6) % NUM_CLASSES)
+    model(xm)                                      # the mixup_fn form arms the forward itself
+    with pytest.raises(CatchupError, match="carries no mix plan"):
+        model(xm)                                  # ... once

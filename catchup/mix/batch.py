@@ -20,6 +20,7 @@ from timm.data import FastCollateMixup
 from torch import nn
 from torch.utils.data import default_collate
 
+from catchup.errors import CatchupError
 from catchup.stages import unwrap_model
 
 if TYPE_CHECKING:
@@ -29,9 +30,25 @@ if TYPE_CHECKING:
 __all__ = ["PlannedBatch", "MixCollate", "PlanHandover", "with_plan"]
 
 
+def _order_keeping_ops() -> frozenset:
+    """The operations whose result holds the same samples in the same order: moves between devices, dtypes and
+    memory formats, copies, and elementwise arithmetic (a normalisation). Any other result drops the plan, so
+    ``x.flip(0)``, ``x[perm]`` or ``torch.cat`` can never carry partner indices that point at other samples."""
+    names = ["to", "cuda", "cpu", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous",
+             "pin_memory", "clone", "detach", "requires_grad_", "clamp", "clamp_", "clip", "clip_",
+             "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "round", "round_",
+             "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__",
+             "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__neg__"]
+    return frozenset(getattr(torch.Tensor, n) for n in names) | {torch.add, torch.sub, torch.mul, torch.div,
+                                                                 torch.clamp, torch.clone}
+
+
+_KEEPS_ORDER = _order_keeping_ops()
+
+
 class PlannedBatch(torch.Tensor):
-    """A batch tensor carrying its MixPlan (``mix_plan``). Results of operations on it that keep the batch
-    dimension carry the plan on; results of another batch size (a slice of the batch) do not."""
+    """A batch tensor carrying its MixPlan (``mix_plan``). Only operations that keep the samples in order (see
+    ``_order_keeping_ops``) carry the plan on, and only to a result of the same batch size."""
     mix_plan: MixPlan | None = None
     batch_number: int = -1       # the mixer's number for this batch (its random stream)
 
@@ -41,8 +58,8 @@ class PlannedBatch(torch.Tensor):
             out = func(*args, **(kwargs or {}))
         if func is torch.Tensor.as_subclass or not isinstance(out, torch.Tensor) or isinstance(out, PlannedBatch):
             return out      # as_subclass is how the plan is dropped; in-place results are the batch itself
-        source = next((a for a in args if isinstance(a, PlannedBatch)), None)
-        if source is None or out.dim() == 0 or out.shape[0] != source.shape[0]:
+        source = args[0] if args and isinstance(args[0], PlannedBatch) else None
+        if source is None or func not in _KEEPS_ORDER or out.dim() == 0 or out.shape[0] != source.shape[0]:
             return out
         return with_plan(out, source.mix_plan, source.batch_number)
 
@@ -94,9 +111,12 @@ class MixCollate(FastCollateMixup):
 class PlanHandover:
     """A forward pre-hook on the model's root module: takes the plan off a PlannedBatch input, hands it to
     ``take`` in a training forward of this very model (not in eval, not on an EMA deepcopy), and passes the
-    model a plain tensor."""
+    model a plain tensor. A training forward whose input lost its plan on the way from the collate_fn (its
+    features would go unmixed while its targets are mixed) is refused, unless ``armed_directly()`` says the
+    training loop armed this forward itself (the mixup_fn form, ``mixer(x, target)``)."""
 
-    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int, tuple], None]):
+    def __init__(self, model: nn.Module, take: Callable[[MixPlan | None, int, tuple], None],
+                 armed_directly: Callable[[], bool]):
         root = unwrap_model(model)
 
         # Runs eagerly under torch.compile, which traces module hooks but cannot trace this tensor subclass;
@@ -104,6 +124,11 @@ class PlanHandover:
         @torch._dynamo.disable
         def hook(module: nn.Module, args: tuple):
             if not args or not isinstance(args[0], PlannedBatch):
+                if module is root and module.training and args and not armed_directly():
+                    raise CatchupError(
+                        "the model's training input carries no mix plan, though the batches come from the "
+                        "mixer's collate_fn: an operation between loader and model (indexing, flip, cat, ...) "
+                        "dropped it; keep the batch's samples in order (moves, casts and normalisation keep it)")
                 return None
             x = args[0]
             if module is root and module.training:

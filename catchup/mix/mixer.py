@@ -157,6 +157,7 @@ class Mixer:
         needs_hooks = any(s.module_name for s in self.stages)
         self.hooks = StageHooks(model, self.stages, self.mix_features) if needs_hooks else None
         self._handover: PlanHandover | None = None
+        self._armed_directly = False
         self._collate: MixCollate | None = None
 
     @property
@@ -173,6 +174,7 @@ class Mixer:
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, soft_target, plan = self.prepare(x, target)
         self.arm(plan)
+        self._armed_directly = True
         return x, soft_target
 
     def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
@@ -211,7 +213,7 @@ class Mixer:
                                "not in the DataLoader collate_fn")
         if self._collate is None:
             if self.model is not None:
-                self._handover = PlanHandover(self.model, self._take_plan)
+                self._handover = PlanHandover(self.model, self._take_plan, self._forward_was_armed)
             self._collate = MixCollate(self)
         return self._collate
 
@@ -349,6 +351,11 @@ class Mixer:
             number = self._worker_start + (self.calls - self._worker_start) * worker.num_workers + worker.id
         self.calls += 1
         return number
+
+    def _forward_was_armed(self) -> bool:
+        """Whether ``mixer(x, target)`` armed the coming forward (once: the next forward asks again)."""
+        armed, self._armed_directly = self._armed_directly, False
+        return armed
 
     def _take_plan(self, plan: MixPlan | None, batch_number: int, input_size: Sequence[int]) -> None:
         """A training forward's input carried this plan from the collate_fn: record it, arm the hooks, and

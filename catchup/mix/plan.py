@@ -98,13 +98,9 @@ class StageHooks:
         self._applied: MixPlan | None = None
         self._in_forward = False
         modules = dict(self.model.named_modules())
-        self._handles = []
-        for s in self.stages:
-            module = modules[s.module_name]
-            self._handles.append(module.register_forward_hook(self._make_hook(s, module)))
-            tail = sequential_tail(module)
-            if tail is not module:
-                self._handles.append(tail.register_forward_hook(self._make_hook(s, tail, bypass=True)))
+        self._handles = [modules[s.module_name].register_forward_hook(self._make_hook(s, modules[s.module_name]))
+                         for s in self.stages]
+        self._bypass_hooked = False
         # Closures, not bound methods: an EMA deepcopy copies a bound method's instance (these StageHooks, with
         # the armed plan), but keeps functions as they are.
         self._handles += [self.model.register_forward_pre_hook(lambda m, args: self._forward_starts(m)),
@@ -148,6 +144,18 @@ class StageHooks:
     def _forward_starts(self, module: nn.Module) -> None:
         if module is self.model and module.training:    # not an EMA deepcopy, which shares these hooks
             self._in_forward = True
+            if not self._bypass_hooked and getattr(module, "grad_checkpointing", False):
+                self._hook_bypasses()
+
+    def _hook_bypasses(self) -> None:
+        """Hooks on the last module of each Sequential stage, for gradient checkpointing to find (added only
+        then: inner hooks would split ``compile_regions`` more finely)."""
+        modules = dict(self.model.named_modules())
+        for s in self.stages:
+            tail = sequential_tail(modules[s.module_name])
+            if tail is not modules[s.module_name]:
+                self._handles.append(tail.register_forward_hook(self._make_hook(s, tail, bypass=True)))
+        self._bypass_hooked = True
 
     def _forward_ends(self, module: nn.Module) -> None:
         if module is not self.model or not module.training:
