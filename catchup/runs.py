@@ -2,7 +2,7 @@
 
     <output>/config.yaml              resolved recipe (rerun with --config)
     <output>/summary.csv              one row per epoch
-    <output>/checkpoints/step_%08d/   Accelerate states, renamed into place only once complete
+    <output>/checkpoints/step_%08d/   Accelerate states + named parts + manifest.json (catchup.resume)
     <output>/checkpoints/latest       name of the newest complete checkpoint
     <output>/model.safetensors        final weights, loadable by timm (`timm.models.load_checkpoint`)
     <output>/model_ema.safetensors    final EMA weights (when model_ema is on)
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,25 +49,6 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise CatchupError(f"model {cfg.model!r} does not accept these model_kwargs: {err}") from None
 
 
-def publish_checkpoint(output: Path, step: int, keep: int) -> Path:
-    """Rename a fully written staging folder into place, point ``latest`` at it, drop the oldest ones.
-
-    Called on the main process after every process finished writing: a crash at any moment leaves
-    ``latest`` naming a complete checkpoint.
-    """
-    final = checkpoint_dir(output, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging_dir(output, step), final)
-    _write_atomic(output / CHECKPOINTS / "latest", final.name + "\n")
-    done = sorted(p for p in (output / CHECKPOINTS).glob("step_*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in (output / CHECKPOINTS).glob(".incomplete-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
 def save_weights(model: nn.Module, path: Path) -> None:
     """timm-loadable safetensors, written to a temporary name and renamed."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -104,8 +84,16 @@ def load_data_info(run: Path) -> DataInfo | None:
     path = run / "data_info.json"
     if not path.exists():
         return None
-    fields = json.loads(path.read_text())
-    return DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+        fields = json.loads(path.read_text())
+        info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        if not isinstance(info.num_classes, int) or info.num_classes < 1:
+            raise ValueError(f"num_classes {info.num_classes!r}")
+        return info
+    except (OSError, ValueError, TypeError, AttributeError) as err:   # bad JSON, a list, unknown or missing fields
+        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CatchupError(f"{path} is damaged ({detail}); restore it from the run or delete it so that the "
+                           f"dataset is read again") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
