@@ -57,10 +57,11 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
     from catchup.export import log_model_artifact
     from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
-                                make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
+                                make_optimizer, make_scheduler, per_device_batch, resolve_wandb_mode,
+                                wandb_init_kwargs)
     from catchup.resume import Checkpointer
     from catchup.rundir import check_free_space
-    from catchup.runs import build_model, save_data_info, save_weights
+    from catchup.runs import build_model, check_norm_batch, save_data_info, save_weights
     from catchup.stopping import StopOnSignal
 
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
@@ -78,6 +79,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     # after the mixer (so it measures the mixed maps), before compile and prepare
     tracker = FilterNormTracker(model, every=cfg.track_filters_every) if cfg.track_filters else None
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
+    check_norm_batch(model, per_device_batch(cfg, accelerator.num_processes))
     optimizer = make_optimizer(cfg, model)
     backend = compile_backend(cfg.torchcompile)
     if backend:     # after the mixer's and tracker's hooks, which decide how (catchup/compile.py)
@@ -93,6 +95,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
                                 after_write=(lambda: tracker.records and tracker.save(output / FILTER_NORMS))
                                 if tracker is not None else None)
     check_free_space(output, checkpointer.estimated_bytes(model, optimizer), cfg.checkpoint_keep)
+    if args.resume and (candidates := resume_candidates(output, args.resume)):
+        checkpointer.choose(candidates, model, optimizer)     # no intact checkpoint: refused before any write
     with _claim_output(accelerator, cfg, args):        # the first write into the run folder
         candidates = resume_candidates(output, args.resume) if args.resume else []
         if args.resume:

@@ -151,26 +151,30 @@ class Checkpointer:
                 return f"{folder.name}/{path.name} holds no random-number state"
         return None
 
-    def load(self, candidates: list[Path], model: nn.Module, optimizer, scheduler,
-             warn: Callable[[str], None] = print) -> Path:
-        """Restore the first intact checkpoint of ``candidates`` (best first) and return it."""
+    def choose(self, candidates: list[Path], model: nn.Module, optimizer) -> tuple[Path, list[str]]:
+        """The first intact checkpoint of ``candidates`` (best first), and what is wrong with those before it."""
         problems = []
         for folder in candidates:
             problem = self.problem(folder, model, optimizer)
-            if problem is not None:
-                problems.append(problem)
-                continue
-            for skipped in problems:
-                warn(f"warning: skipping a damaged checkpoint: {skipped}; resuming from {folder.name}")
-            self.accelerator.load_state(str(folder))
-            for name, obj in self.parts.items():
-                obj.load_state_dict(torch.load(folder / part_file(name), map_location="cpu", weights_only=False))
-            if scheduler is not None:
-                scheduler.step_update(num_updates=self.progress.global_step)
-            return folder
+            if problem is None:
+                return folder, problems
+            problems.append(problem)
         if len(candidates) == 1:
             raise CatchupError(f"cannot resume from {candidates[0]}: {problems[0]}")
         raise CatchupError(f"no intact checkpoint in {candidates[0].parent}: {'; '.join(problems)}; {START_OVER}")
+
+    def load(self, candidates: list[Path], model: nn.Module, optimizer, scheduler,
+             warn: Callable[[str], None] = print) -> Path:
+        """Restore the first intact checkpoint of ``candidates`` and return it."""
+        folder, problems = self.choose(candidates, model, optimizer)
+        for skipped in problems:
+            warn(f"warning: skipping a damaged checkpoint: {skipped}; resuming from {folder.name}")
+        self.accelerator.load_state(str(folder))
+        for name, obj in self.parts.items():
+            obj.load_state_dict(torch.load(folder / part_file(name), map_location="cpu", weights_only=False))
+        if scheduler is not None:
+            scheduler.step_update(num_updates=self.progress.global_step)
+        return folder
 
 
 def verify_files(folder: Path) -> tuple[dict, str | None]:

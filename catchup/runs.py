@@ -35,6 +35,9 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
+    if info.num_classes < 2:
+        raise CatchupError(f"dataset {cfg.dataset!r} has {info.num_classes} class: a classifier needs at least 2 "
+                           "(check data_dir)")
     num_classes = cfg.num_classes or info.num_classes
     if num_classes != info.num_classes:
         raise CatchupError(f"num_classes is {cfg.num_classes} but dataset {cfg.dataset!r} has {info.num_classes}")
@@ -47,6 +50,13 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise CatchupError(f"cannot build model {cfg.model!r}: {str(err).splitlines()[0]}") from None
     except TypeError as err:
         raise CatchupError(f"model {cfg.model!r} does not accept these model_kwargs: {err}") from None
+
+
+def check_norm_batch(model: nn.Module, per_device: int) -> None:
+    """BatchNorm in training needs two samples per device: one makes its variance 0 (and torch raises mid-epoch)."""
+    if per_device < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise CatchupError(f"batch_size gives {per_device} sample per device and per accumulation step, and the "
+                           f"model has BatchNorm, which needs at least 2: raise batch_size")
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
