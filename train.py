@@ -151,6 +151,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
                     break
                 row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    # a failing evaluation (a damaged validation image) must not cost the epoch's training: a
+                    # resume from here skips the epoch's batches and evaluates again
+                    checkpointer.save()
                     row.update({f"eval_{k}": v for k, v in evaluate(model, eval_loader, accelerator,
                                                                      cfg.channels_last).items()})
                     if ema is not None:

@@ -243,3 +243,24 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_latest_check
         run_train(out, "--resume", "--epochs", "3")
     assert latest_checkpoint(out).name == "step_00000022"
     assert not list((out / "checkpoints").glob(".incomplete-*"))
+
+
+def test_an_evaluation_that_fails_keeps_the_epochs_training(straight, tmp_path, monkeypatch):
+    import catchup.engine
+    original = catchup.engine.evaluate
+
+    def bad_image_in_epoch_1(model, loader, accelerator, channels_last=False):
+        if latest_checkpoint(out).name == "step_00000022":
+            raise CatchupError("cannot decode validation image 7.png")
+        return original(model, loader, accelerator, channels_last)
+
+    out = tmp_path / "eval_fails"
+    monkeypatch.setattr(catchup.engine, "evaluate", bad_image_in_epoch_1)
+    with pytest.raises(CatchupError, match="7.png"):
+        run_train(out)
+    monkeypatch.undo()
+    assert latest_checkpoint(out).name == "step_00000022"      # written before the evaluation
+    run_train(out, "--resume")                                   # evaluates epoch 1 without training it again
+    assert same_weights(out, straight)
+    assert [r.keys() for r in summary(out)] == [r.keys() for r in summary(straight)]
+    assert summary(out)[1]["eval_top1"] == summary(straight)[1]["eval_top1"]

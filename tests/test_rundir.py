@@ -19,7 +19,7 @@ import pytest
 from catchup.config import dump_config, load_config
 from catchup.errors import CatchupError
 from catchup.rundir import LOCK, RunLock, check_output
-from tests.helpers import run_train
+from tests.helpers import run_train, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "checkpoints/step_00000001"
@@ -91,6 +91,15 @@ def test_a_missing_or_emptied_rng_state_is_damage(run, tmp_path):
     (forged / CKPT / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CatchupError, match="random_states_0.pkl holds no random-number state"):
         run_train(forged, "--resume")
+
+
+def test_overwrite_moves_the_old_run_aside_only_once_the_new_one_can_start(run, tmp_path):
+    out = tmp_path / "kept"
+    shutil.copytree(run, out)
+    before = snapshot(out)
+    with pytest.raises(CatchupError, match="cifar"):          # the new run's data is missing
+        run_train(out, "--overwrite", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"))
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 def test_a_batch_of_one_under_batchnorm_is_refused_before_the_run_folder_is_made(tmp_path):
