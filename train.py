@@ -61,7 +61,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
                                 wandb_init_kwargs)
     from catchup.resume import Checkpointer
     from catchup.rundir import check_free_space
-    from catchup.runs import build_model, check_norm_batch, save_data_info, save_weights
+    from catchup.runs import build_model, check_norm_batch, class_names, save_data_info, save_weights
     from catchup.stopping import StopOnSignal
 
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
                 record_resume(cfg, output / "config.yaml", changes, progress.global_step)
         if main_process and not (output / "config.yaml").exists():    # a new run, or resumed from a foreign PATH
             dump_config(cfg, output / "config.yaml")
-            save_data_info(output, info)
+            save_data_info(output, info, class_names(train_set))
 
         # tracking
         if wandb_mode != "disabled":

@@ -85,21 +85,47 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def save_data_info(output: Path, info: DataInfo) -> None:
-    """What the model was built for (classes, channels, size, normalisation), so loading a run needs no data."""
-    _write_atomic(output / "data_info.json", json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+def save_data_info(output: Path, info: DataInfo, classes: list[str] | None = None) -> None:
+    """What the model was built for (classes, channels, size, normalisation), so loading a run needs no data;
+    the class names too where the dataset has them, so evaluation on another dataset is caught."""
+    fields = {**dataclasses.asdict(info), **({"classes": list(classes)} if classes else {})}
+    _write_atomic(output / "data_info.json", json.dumps(fields, indent=2) + "\n")
 
 
 def load_data_info(run: Path) -> DataInfo | None:
+    return _read_data_info(run)[0]
+
+
+def load_class_names(run: Path) -> list[str] | None:
+    return _read_data_info(run)[1]
+
+
+def class_names(dataset) -> list[str] | None:
+    """A dataset's class names (ImageFolder-style ``classes``), looking through subset and transform wrappers."""
+    for _ in range(8):
+        names = getattr(dataset, "classes", None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return None
+    return None
+
+
+def _read_data_info(run: Path) -> tuple[DataInfo | None, list[str] | None]:
     path = run / "data_info.json"
     if not path.exists():
-        return None
+        return None, None
     try:
         fields = json.loads(path.read_text())
+        classes = fields.pop("classes", None)
         info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         if not isinstance(info.num_classes, int) or info.num_classes < 1:
             raise ValueError(f"num_classes {info.num_classes!r}")
-        return info
+        if classes is not None and (not isinstance(classes, list) or len(classes) != info.num_classes):
+            raise ValueError(f"{len(classes) if isinstance(classes, list) else 'no'} class names for "
+                             f"{info.num_classes} classes")
+        return info, classes
     except (OSError, ValueError, TypeError, AttributeError) as err:   # bad JSON, a list, unknown or missing fields
         detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         raise CatchupError(f"{path} is damaged ({detail}); restore it from the run or delete it so that the "

@@ -132,15 +132,20 @@ def test_a_damaged_data_info_is_one_line_in_export_and_analysis(run, tmp_path, c
         assert len(err) == 1 and err[0].startswith(f"error: {damaged / 'data_info.json'} is damaged"), err
 
 
-def test_evaluation_on_a_dataset_with_other_classes_is_refused(run, monkeypatch):
-    import dataclasses
-
+def test_evaluation_on_a_dataset_with_other_classes_is_refused(run, tmp_path, monkeypatch):
     import catchup.evaluation
-    from catchup.runs import load_data_info
-    trained = dataclasses.replace(load_data_info(run), num_classes=7)        # as if the run had 7 classes
-    monkeypatch.setattr(catchup.evaluation, "load_data_info", lambda folder: trained)
+    other = tmp_path / "named"
+    shutil.copytree(run, other)
+    info = json.loads((run / "data_info.json").read_text())
+    names = [f"n{i:02d}" for i in range(10)]
+    (other / "data_info.json").write_text(json.dumps({**info, "classes": names}))
+    # the run's dataset (digits) has no names; here it lists one class differently, as another folder would
+    monkeypatch.setattr(catchup.evaluation, "class_names", lambda dataset: names[:3] + ["cat"] + names[4:])
+    with pytest.raises(CatchupError, match="class 3 is 'cat' there, 'n03' in the run"):
+        catchup.evaluation.open_run(other)
+    (other / "data_info.json").write_text(json.dumps({**info, "num_classes": 7}))     # as if trained on 7
     with pytest.raises(CatchupError, match="has 10 classes, the run was trained on 7"):
-        catchup.evaluation.open_run(run)
+        catchup.evaluation.open_run(other)
 
 
 @pytest.mark.parametrize("grad, message", [(np.full((2, 3), np.nan), "NaN or infinite"),
