@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from catchup.errors import CatchupError
-from catchup.rundir import CHECKPOINTS, MANIFEST, START_OVER, checkpoint_dir, latest_checkpoint, staging_dir
+from catchup.rundir import (CHECKPOINTS, MANIFEST, START_OVER, checkpoint_dir, latest_checkpoint, read_manifest,
+                            staging_dir)
 
 FORMAT = 1
 RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
@@ -179,13 +180,13 @@ class Checkpointer:
 
 def verify_files(folder: Path) -> tuple[dict, str | None]:
     """The manifest of ``folder`` and None when every file it lists is there with its size and checksum."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files, _ = manifest["files"], manifest["parts"]
-    except FileNotFoundError:
+    if not (folder / MANIFEST).is_file():
         return {}, f"{folder.name} has no {MANIFEST} (not completely written, or by a catchup without checksums)"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return {}, f"{folder.name}/{MANIFEST} cannot be read ({_first_line(err)})"
+    manifest = read_manifest(folder)
+    files = manifest["files"] if manifest else None
+    if not files or any(not isinstance(w, dict) or not isinstance(w.get("size"), int)
+                        or not isinstance(w.get("sha256"), str) for w in files.values()):
+        return {}, f"{folder.name}/{MANIFEST} is damaged"
     for name, want in files.items():
         path = folder / name
         if not path.is_file():

@@ -55,11 +55,18 @@ def latest_checkpoint(output: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+MANIFEST_KEYS = {"step": int, "epoch": int, "step_in_epoch": int, "processes": int, "parts": list, "files": dict}
+
+
 def read_manifest(folder: Path) -> dict | None:
+    """A checkpoint's manifest.json, or None when it is missing or not one (the loader then calls it damaged)."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in MANIFEST_KEYS.items()):
+        return None
+    return manifest
 
 
 def resume_candidates(output: Path, resume: str | bool) -> list[Path]:

@@ -71,13 +71,15 @@ def test_resume_with_fewer_epochs_than_begun_is_refused(tmp_path):
     assert check_output(recipe(out, "--epochs", "2"), True, False) == {"epochs": (4, 2)}
 
 
-def test_a_missing_or_emptied_rng_state_is_damage(run, tmp_path):
+def test_a_missing_or_emptied_rng_state_or_a_damaged_manifest_is_damage(run, tmp_path):
     from catchup.resume import verify_files
     missing, emptied, forged = (tmp_path / n for n in ("missing", "emptied", "forged"))
     for folder in (missing, emptied, forged):
         shutil.copytree(run, folder)
     (missing / CKPT / "random_states_0.pkl").unlink()
     assert verify_files(missing / CKPT)[1] == "step_00000001/random_states_0.pkl is missing"
+    (missing / CKPT / "manifest.json").write_text('{"files": [1]}')
+    assert verify_files(missing / CKPT)[1] == "step_00000001/manifest.json is damaged"
     (emptied / CKPT / "random_states_0.pkl").write_bytes(pickle.dumps({}))
     assert verify_files(emptied / CKPT)[1].startswith("step_00000001/random_states_0.pkl cannot be read (it has 5 "
                                                       "bytes")
