@@ -40,7 +40,9 @@ def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     cfg.output = os.path.expanduser(cfg.output)                 # also when the shell did not (`--output=~/x`, YAML)
-    changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
+    # before torch loads: a mistake costs a second. Only the first process looks at the writer lock: several
+    # probing it at once would see each other as its holder (the launcher sets RANK for each process).
+    changes = check_output(cfg, args.resume, args.overwrite, probe_lock=os.environ.get("RANK", "0") == "0")
     stop_signals()                                               # a bad CATCHUP_STOP_SIGNALS, too
     train(cfg, args, changes)
 
