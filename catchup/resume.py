@@ -55,6 +55,7 @@ class Checkpointer:
         self.accelerator, self.output, self.parts, self.keep = accelerator, Path(output), parts, keep
         self.progress = parts["progress"]
         self.after_write = after_write
+        self._chosen: tuple[list[Path], tuple[Path, list[str]]] | None = None
 
     # -- saving ---------------------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -153,11 +154,17 @@ class Checkpointer:
         return None
 
     def choose(self, candidates: list[Path], model: nn.Module, optimizer) -> tuple[Path, list[str]]:
-        """The first intact checkpoint of ``candidates`` (best first), and what is wrong with those before it."""
+        """The first intact checkpoint of ``candidates`` (best first), and what is wrong with those before it.
+
+        The answer is kept for the same candidates: train.py asks before it claims the run folder (to refuse without
+        writing) and again to load, and reading every file twice would double a large checkpoint's load time."""
+        if self._chosen is not None and self._chosen[0] == candidates:
+            return self._chosen[1]
         problems = []
         for folder in candidates:
             problem = self.problem(folder, model, optimizer)
             if problem is None:
+                self._chosen = (list(candidates), (folder, problems))
                 return folder, problems
             problems.append(problem)
         if len(candidates) == 1:

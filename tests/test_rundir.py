@@ -65,7 +65,8 @@ def test_resume_with_fewer_epochs_than_begun_is_refused(tmp_path):
     checkpoint.mkdir(parents=True)
     dump_config(recipe(out, "--epochs", "4"), out / "config.yaml")
     (out / "checkpoints/latest").write_text("step_00000015\n")
-    (checkpoint / "manifest.json").write_text(json.dumps({"step": 15, "epoch": 1, "step_in_epoch": 4}))
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 15, "epoch": 1, "step_in_epoch": 4, "processes": 1,
+                                                            "parts": ["progress"], "files": {}}))
     with pytest.raises(CatchupError, match=r"epochs 1 is fewer than the run has already begun \(2, at step 15\)"):
         check_output(recipe(out, "--epochs", "1"), True, False)
     assert check_output(recipe(out, "--epochs", "2"), True, False) == {"epochs": (4, 2)}
