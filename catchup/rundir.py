@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from catchup.config import TrainConfig, config_to_dict, dump_config, load_config
 from catchup.errors import CatchupError
 
@@ -120,13 +122,13 @@ class RunLock:
         self._lock = None
 
     def acquire(self) -> "RunLock":
-        from filelock import FileLock, Timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.path), timeout=0)
         try:
             lock.acquire()
         except Timeout:
             raise CatchupError(busy(self.path)) from None
+        # written once held: a contender opens the file without truncating it, so it can read who holds it
         self.path.write_text(f"{os.getpid()} {socket.gethostname()}\n")
         self._lock = lock
         return self
@@ -144,7 +146,6 @@ class RunLock:
 
     def holder(self) -> str | None:
         """``busy``'s message while another process holds the lock, else None; writes nothing."""
-        from filelock import FileLock, Timeout
         if not self.path.exists():
             return None
         lock = FileLock(str(self.path), timeout=0)
