@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from catchup.cli import run_cli
 from catchup.config import TrainConfig, load_config
 from catchup.config_help import RecipeArgumentParser
-from catchup.rundir import check_output, prepare_output, record_resume, resume_candidates
+from catchup.rundir import check_output, record_resume, resume_candidates
 from catchup.stopping import stop_signals
 
 if TYPE_CHECKING:
@@ -39,7 +39,10 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    changes = check_output(cfg, args.resume, args.overwrite)     # before torch loads: a mistake costs a second
+    cfg.output = os.path.expanduser(cfg.output)                 # also when the shell did not (`--output=~/x`, YAML)
+    # before torch loads: a mistake costs a second. Only the first process looks at the writer lock: several
+    # probing it at once would see each other as its holder (the launcher sets RANK for each process).
+    changes = check_output(cfg, args.resume, args.overwrite, probe_lock=os.environ.get("RANK", "0") == "0")
     stop_signals()                                               # a bad CATCHUP_STOP_SIGNALS, too
     train(cfg, args, changes)
 
@@ -56,19 +59,17 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
     from catchup.export import log_model_artifact
     from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
-                                make_optimizer, make_scheduler, resolve_wandb_mode, wandb_init_kwargs)
-    from catchup.resume import load_checkpoint
-    from catchup.runs import build_model, publish_checkpoint, save_data_info, save_weights, staging_dir
+                                make_optimizer, make_scheduler, per_device_batch, resolve_wandb_mode,
+                                wandb_init_kwargs)
+    from catchup.resume import Checkpointer
+    from catchup.rundir import check_free_space
+    from catchup.runs import build_model, check_norm_batch, class_names, save_data_info, save_weights
     from catchup.stopping import StopOnSignal
 
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
     accelerator = make_accelerator(cfg, wandb_mode)
     main_process = accelerator.is_main_process
     output = Path(cfg.output)
-    if main_process:
-        prepare_output(output, resume=bool(args.resume), overwrite=args.overwrite)
-    accelerator.wait_for_everyone()
-    candidates = resume_candidates(output, args.resume) if args.resume else []
     set_seed(cfg.seed, device_specific=True)
 
     # data, model, mixer
@@ -80,6 +81,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     # after the mixer (so it measures the mixed maps), before compile and prepare
     tracker = FilterNormTracker(model, every=cfg.track_filters_every) if cfg.track_filters else None
     train_loader, eval_loader = make_loaders(cfg, train_set, eval_set, accelerator.num_processes)
+    check_norm_batch(model, per_device_batch(cfg, accelerator.num_processes))
     optimizer = make_optimizer(cfg, model)
     backend = compile_backend(cfg.torchcompile)
     if backend:     # after the mixer's and tracker's hooks, which decide how (catchup/compile.py)
@@ -90,91 +92,117 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
     progress = TrainProgress()
-    custom = [obj for obj in (progress, mixer, scheduler, ema) if obj is not None]    # same order on save and load
-    accelerator.register_for_checkpointing(*custom)
-    if candidates:
-        resume_from = load_checkpoint(candidates, accelerator, model, optimizer, scheduler, len(custom),
-                                      lambda: progress.global_step, warn=accelerator.print)
-        accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, step {progress.global_step}")
-        if tracker is not None and (output / FILTER_NORMS).exists():
-            tracker.load(output / FILTER_NORMS)
-        if main_process:
-            record_resume(cfg, output / "config.yaml", changes, progress.global_step)
-    if main_process and not (output / "config.yaml").exists():    # a new run, or one resumed from a foreign PATH
-        dump_config(cfg, output / "config.yaml")
-        save_data_info(output, info)
-
-    # tracking
-    if wandb_mode != "disabled":
-        os.environ["WANDB_MODE"] = wandb_mode
-        run_id = _wandb_run_id(output) if main_process else ""
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
-                                  init_kwargs={"wandb": wandb_init_kwargs(cfg, output, run_id)})
-    accelerator.print(f"{cfg.model} on {cfg.dataset} with mix={cfg.mix}: {accelerator.num_processes} process(es), "
-                      f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-                      f"{steps_per_epoch} steps/epoch, output {output}")
-
-    def log(values: dict, step: int) -> None:
-        if wandb_mode != "disabled":
-            accelerator.log(values, step=step)
-
-    def checkpoint() -> None:
-        staging = staging_dir(output, progress.global_step)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        if main_process:
-            if tracker is not None and tracker.records:
-                tracker.save(output / FILTER_NORMS)
-            publish_checkpoint(output, progress.global_step, cfg.checkpoint_keep)
-        accelerator.wait_for_everyone()
-
-    options = StepOptions(clip_grad=cfg.clip_grad, channels_last=cfg.channels_last, log_every=cfg.log_every,
-                          max_steps=cfg.max_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
-    criterion = make_criterion(cfg)
-    stop = StopOnSignal(accelerator, every=cfg.log_every).install()
-    try:
-        while progress.epoch < cfg.epochs and not _reached(cfg.max_steps, progress):
-            epoch = progress.epoch
-            mixer.enabled = not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch)
-            train_loader.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
-            loader = train_loader
-            if progress.step_in_epoch:
-                loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch * cfg.grad_accum_steps)
-            stats, stopped = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator,
-                                             progress, options, ema=ema, log=log, checkpoint=checkpoint,
-                                             batches_per_epoch=len(train_loader), tracker=tracker, stop=stop)
-            if stopped:      # by max_steps, inside the epoch
-                checkpoint()
-                break
-            row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                row.update({f"eval_{k}": v for k, v in evaluate(model, eval_loader, accelerator,
-                                                                 cfg.channels_last).items()})
-                if ema is not None:
-                    row.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, accelerator,
-                                                                    cfg.channels_last).items()})
-            progress.history.append(row)
-            progress.next_epoch()
-            log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()}, progress.global_step)
-            accelerator.print(_epoch_line(row))
+    parts = {"progress": progress, "mixer": mixer, **({"ema": ema} if ema is not None else {})}
+    checkpointer = Checkpointer(accelerator, output, parts, cfg.checkpoint_keep,
+                                after_write=(lambda: tracker.records and tracker.save(output / FILTER_NORMS))
+                                if tracker is not None else None)
+    check_free_space(output, checkpointer.estimated_bytes(model, optimizer), cfg.checkpoint_keep)
+    if args.resume and (candidates := resume_candidates(output, args.resume)):
+        checkpointer.choose(candidates, model, optimizer)     # no intact checkpoint: refused before any write
+    with _claim_output(accelerator, cfg, args):        # the first write into the run folder
+        candidates = resume_candidates(output, args.resume) if args.resume else []
+        if args.resume:
+            if candidates:
+                resume_from = checkpointer.load(candidates, model, optimizer, scheduler, warn=accelerator.print)
+                accelerator.print(f"resumed from {resume_from} at epoch {progress.epoch}, "
+                                  f"step {progress.global_step}")
+            else:
+                accelerator.print(f"{output} stopped before its first checkpoint: starting it again from step 0")
+            if tracker is not None and (output / FILTER_NORMS).exists():
+                tracker.load(output / FILTER_NORMS)
             if main_process:
-                _write_summary(output, progress.history)
-            checkpoint()
-        if cfg.wandb_log_model and wandb_mode != "disabled" and main_process:
-            wandb_run = accelerator.get_tracker("wandb", unwrap=True)
-            log_model_artifact(wandb_run, accelerator.unwrap_model(model), cfg, info)
-    finally:
-        stop.restore()
-        accelerator.end_training()
-    if main_process:
-        save_weights(accelerator.unwrap_model(model), output / "model.safetensors")
-        if ema is not None:
-            save_weights(ema.module, output / "model_ema.safetensors")
-        results = {**summarize_top1(progress.history), "epochs_done": progress.epoch, "steps": progress.global_step}
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        accelerator.print(f"done: {json.dumps(results)}; weights in {output / 'model.safetensors'}")
+                record_resume(cfg, output / "config.yaml", changes, progress.global_step)
+        if main_process and not (output / "config.yaml").exists():    # a new run, or resumed from a foreign PATH
+            dump_config(cfg, output / "config.yaml")
+            save_data_info(output, info, class_names(train_set))
+
+        # tracking
+        if wandb_mode != "disabled":
+            os.environ["WANDB_MODE"] = wandb_mode
+            run_id = _wandb_run_id(output) if main_process else ""
+            accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+                                      init_kwargs={"wandb": wandb_init_kwargs(cfg, output, run_id)})
+        accelerator.print(f"{cfg.model} on {cfg.dataset} with mix={cfg.mix}: "
+                          f"{accelerator.num_processes} process(es), device {accelerator.device}, "
+                          f"mixed precision {accelerator.mixed_precision}, {steps_per_epoch} steps/epoch, "
+                          f"output {output}")
+
+        def log(values: dict, step: int) -> None:
+            if wandb_mode != "disabled":
+                accelerator.log(values, step=step)
+
+        options = StepOptions(clip_grad=cfg.clip_grad, channels_last=cfg.channels_last, log_every=cfg.log_every,
+                              max_steps=cfg.max_steps, checkpoint_every_steps=cfg.checkpoint_every_steps)
+        criterion = make_criterion(cfg)
+        stop = StopOnSignal(accelerator, every=cfg.log_every).install()
+        try:
+            while progress.epoch < cfg.epochs and not _reached(cfg.max_steps, progress):
+                epoch = progress.epoch
+                mixer.enabled = not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch)
+                train_loader.set_epoch(epoch)
+                train_loader.dataset.set_epoch(epoch)
+                loader = train_loader
+                if progress.step_in_epoch:
+                    loader = accelerator.skip_first_batches(train_loader,
+                                                            progress.step_in_epoch * cfg.grad_accum_steps)
+                stats, stopped = train_one_epoch(model, loader, mixer, criterion, optimizer, scheduler, accelerator,
+                                                 progress, options, ema=ema, log=log, checkpoint=checkpointer,
+                                                 batches_per_epoch=len(train_loader), tracker=tracker, stop=stop)
+                if stopped:      # by max_steps, inside the epoch
+                    checkpointer.save()
+                    break
+                row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    # a failing evaluation (a damaged validation image) must not cost the epoch's training: a
+                    # resume from here skips the epoch's batches and evaluates again
+                    checkpointer.save()
+                    row.update({f"eval_{k}": v for k, v in evaluate(model, eval_loader, accelerator,
+                                                                     cfg.channels_last).items()})
+                    if ema is not None:
+                        row.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, accelerator,
+                                                                        cfg.channels_last).items()})
+                progress.history.append(row)
+                progress.next_epoch()
+                log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()}, progress.global_step)
+                accelerator.print(_epoch_line(row))
+                if main_process:
+                    _write_summary(output, progress.history)
+                checkpointer.save()
+            if cfg.wandb_log_model and wandb_mode != "disabled" and main_process:
+                wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+                log_model_artifact(wandb_run, accelerator.unwrap_model(model), cfg, info)
+        finally:
+            stop.restore()
+            accelerator.end_training()
+        if main_process:
+            save_weights(accelerator.unwrap_model(model), output / "model.safetensors")
+            if ema is not None:
+                save_weights(ema.module, output / "model_ema.safetensors")
+            results = {**summarize_top1(progress.history), "epochs_done": progress.epoch,
+                       "steps": progress.global_step}
+            (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            accelerator.print(f"done: {json.dumps(results)}; weights in {output / 'model.safetensors'}")
+
+
+def _claim_output(accelerator, cfg: TrainConfig, args: argparse.Namespace):
+    """Process 0 takes the run folder's lock (held until the run ends); every process learns whether to go on."""
+    from contextlib import nullcontext
+
+    from accelerate.utils import broadcast_object_list
+
+    from catchup.errors import CatchupError
+    from catchup.rundir import claim_output
+    lock, refusal = nullcontext(), [None]
+    if accelerator.is_main_process:
+        try:
+            lock = claim_output(cfg, args.resume, args.overwrite)
+        except CatchupError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise CatchupError(refusal[0])
+    return lock
 
 
 FILTER_NORMS = "filter_norms.npz"

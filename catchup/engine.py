@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +40,11 @@ class TrainProgress:
             setattr(self, key, value)
 
 
+class Checkpointer(Protocol):
+    """What the epoch needs of the run's checkpoints (catchup.resume.Checkpointer): write one of this step."""
+    def save(self) -> Any: ...
+
+
 @dataclass
 class StepOptions:
     clip_grad: float | None = None
@@ -56,7 +61,7 @@ class NonFiniteLoss(CatchupError):
 def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable, optimizer, scheduler,
                     accelerator: Accelerator, progress: TrainProgress, options: StepOptions,
                     ema: nn.Module | None = None, log: Callable[[dict, int], None] | None = None,
-                    checkpoint: Callable[[], None] | None = None, batches_per_epoch: int | None = None,
+                    checkpoint: Checkpointer | None = None, batches_per_epoch: int | None = None,
                     tracker=None, stop=None) -> tuple[dict[str, float], bool]:
     """Train until the loader is exhausted (or ``max_steps``); returns the epoch's mean loss and throughput,
     and whether ``max_steps`` stopped it before the end of the loader.
@@ -94,7 +99,7 @@ def train_one_epoch(model: nn.Module, loader, mixer: Mixer, criterion: Callable,
         _check_finite(bad, progress)
         fold()
         if checkpoint is not None:
-            checkpoint()
+            checkpoint.save()
 
     total = batches_per_epoch or len(loader)
     stopped = False

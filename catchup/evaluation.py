@@ -33,7 +33,7 @@ from catchup.robustness import (
 )
 from catchup.robustness.corruptions import SEVERITIES
 from catchup.robustness.deformations import sample_matrices
-from catchup.runs import WEIGHTS, build_model, load_weights
+from catchup.runs import WEIGHTS, build_model, class_names, load_class_names, load_data_info, load_weights
 from catchup.suites import SUITES, parse_eps, select_suites, short_names  # noqa: F401  (re-exported)
 
 MASS_SHARES: tuple[float, ...] = (0.5, 0.9)
@@ -94,6 +94,15 @@ def open_run(run_dir: str | Path, data_dir: str | None = None) -> RunData:
     train_set, eval_set, info = build_datasets(cfg.dataset, cfg.data_dir, input_size=cfg.input_size,
                                                train_transform=False, augment=Augment.from_config(cfg),
                                                num_classes=cfg.num_classes, splits=(cfg.train_split, cfg.val_split))
+    trained, names = load_data_info(run), load_class_names(run)
+    if trained is not None and trained.num_classes != info.num_classes:
+        raise CatchupError(f"the dataset in {cfg.data_dir} has {info.num_classes} classes, the run was trained on "
+                           f"{trained.num_classes} ({run / 'data_info.json'}): not the run's dataset")
+    found = class_names(train_set)
+    if names and found and found != names:
+        first = next(i for i, (a, b) in enumerate(zip(found, names)) if a != b)
+        raise CatchupError(f"the classes in {cfg.data_dir} are not the run's ({run / 'data_info.json'}): class "
+                           f"{first} is {found[first]!r} there, {names[first]!r} in the run")
     return RunData(run, cfg, info, train_set, eval_set)
 
 

@@ -2,7 +2,7 @@
 
     <output>/config.yaml              resolved recipe (rerun with --config)
     <output>/summary.csv              one row per epoch
-    <output>/checkpoints/step_%08d/   Accelerate states, renamed into place only once complete
+    <output>/checkpoints/step_%08d/   Accelerate states + named parts + manifest.json (catchup.resume)
     <output>/checkpoints/latest       name of the newest complete checkpoint
     <output>/model.safetensors        final weights, loadable by timm (`timm.models.load_checkpoint`)
     <output>/model_ema.safetensors    final EMA weights (when model_ema is on)
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,9 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
+    if info.num_classes < 2:
+        raise CatchupError(f"dataset {cfg.dataset!r} has {info.num_classes} class: a classifier needs at least 2 "
+                           "(check data_dir)")
     num_classes = cfg.num_classes or info.num_classes
     if num_classes != info.num_classes:
         raise CatchupError(f"num_classes is {cfg.num_classes} but dataset {cfg.dataset!r} has {info.num_classes}")
@@ -50,23 +52,11 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise CatchupError(f"model {cfg.model!r} does not accept these model_kwargs: {err}") from None
 
 
-def publish_checkpoint(output: Path, step: int, keep: int) -> Path:
-    """Rename a fully written staging folder into place, point ``latest`` at it, drop the oldest ones.
-
-    Called on the main process after every process finished writing: a crash at any moment leaves
-    ``latest`` naming a complete checkpoint.
-    """
-    final = checkpoint_dir(output, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging_dir(output, step), final)
-    _write_atomic(output / CHECKPOINTS / "latest", final.name + "\n")
-    done = sorted(p for p in (output / CHECKPOINTS).glob("step_*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in (output / CHECKPOINTS).glob(".incomplete-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+def check_norm_batch(model: nn.Module, per_device: int) -> None:
+    """BatchNorm in training needs two samples per device: one makes its variance 0 (and torch raises mid-epoch)."""
+    if per_device < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise CatchupError(f"batch_size gives {per_device} sample per device and per accumulation step, and the "
+                           f"model has BatchNorm, which needs at least 2: raise batch_size")
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -95,17 +85,51 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def save_data_info(output: Path, info: DataInfo) -> None:
-    """What the model was built for (classes, channels, size, normalisation), so loading a run needs no data."""
-    _write_atomic(output / "data_info.json", json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+def save_data_info(output: Path, info: DataInfo, classes: list[str] | None = None) -> None:
+    """What the model was built for (classes, channels, size, normalisation), so loading a run needs no data;
+    the class names too where the dataset has them, so evaluation on another dataset is caught."""
+    fields = {**dataclasses.asdict(info), **({"classes": list(classes)} if classes else {})}
+    _write_atomic(output / "data_info.json", json.dumps(fields, indent=2) + "\n")
 
 
 def load_data_info(run: Path) -> DataInfo | None:
+    return _read_data_info(run)[0]
+
+
+def load_class_names(run: Path) -> list[str] | None:
+    return _read_data_info(run)[1]
+
+
+def class_names(dataset) -> list[str] | None:
+    """A dataset's class names (ImageFolder-style ``classes``), looking through subset and transform wrappers."""
+    for _ in range(8):
+        names = getattr(dataset, "classes", None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return None
+    return None
+
+
+def _read_data_info(run: Path) -> tuple[DataInfo | None, list[str] | None]:
     path = run / "data_info.json"
     if not path.exists():
-        return None
-    fields = json.loads(path.read_text())
-    return DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return None, None
+    try:
+        fields = json.loads(path.read_text())
+        classes = fields.pop("classes", None)
+        info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        if not isinstance(info.num_classes, int) or info.num_classes < 1:
+            raise ValueError(f"num_classes {info.num_classes!r}")
+        if classes is not None and (not isinstance(classes, list) or len(classes) != info.num_classes):
+            raise ValueError(f"{len(classes) if isinstance(classes, list) else 'no'} class names for "
+                             f"{info.num_classes} classes")
+        return info, classes
+    except (OSError, ValueError, TypeError, AttributeError) as err:   # bad JSON, a list, unknown or missing fields
+        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CatchupError(f"{path} is damaged ({detail}); restore it from the run or delete it so that the "
+                           f"dataset is read again") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -43,6 +43,13 @@ def run_train(output: Path, *extra: str, config: str = "configs/quickstart.yaml"
         GradientState._reset_state()
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """Each file's sha256 (and each folder) under ``folder``: equal snapshots mean nothing was written there."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
 def train_step(mixer, model, x, y):
     """One step of the engine's loss contract: soft-target CE plus the mixer's auxiliary loss; backward."""
     from timm.loss import SoftTargetCrossEntropy

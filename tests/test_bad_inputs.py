@@ -3,7 +3,6 @@ them: a non-zero exit, exactly one `error:` line naming the problem, no tracebac
 command was pointed at byte-identical afterwards."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import shutil
@@ -17,7 +16,7 @@ import torch
 
 import train as train_script
 from catchup.cli import run_cli
-from tests.helpers import run_train
+from tests.helpers import run_train, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = "configs/quickstart.yaml"
@@ -25,11 +24,6 @@ TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-siz
         "--wandb-mode", "disabled", "--workers", "0", "--log-every", "2"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +46,10 @@ def place(tmp_path_factory, one_thread) -> dict[str, Path]:
     size = (ckpt / "optimizer.bin").stat().st_size
     (p["zero_opt"] / "checkpoints/step_00000011/optimizer.bin").write_bytes(bytes(size))
     p["torn_custom"] = copy("torn_custom")
-    data = (ckpt / "custom_checkpoint_0.pkl").read_bytes()
-    (p["torn_custom"] / "checkpoints/step_00000011/custom_checkpoint_0.pkl").write_bytes(data[:40])
+    data = (ckpt / "state_progress.pkl").read_bytes()
+    (p["torn_custom"] / "checkpoints/step_00000011/state_progress.pkl").write_bytes(data[:40])
+    p["no_config"] = copy("no_config")                       # a run folder that lost its config.yaml
+    (p["no_config"] / "config.yaml").unlink()
     p["torn_weights"] = copy("torn_weights")                 # the final weights evaluate.py reads
     data = (run / "model.safetensors").read_bytes()
     (p["torn_weights"] / "model.safetensors").write_bytes(data[:100])
@@ -132,7 +128,17 @@ CASES = [
     ("rerun-over-a-run-that-died", lambda p: train("--output", p["died"]), "--overwrite", ("died",)),
     ("resume-and-overwrite", resume("run", "--overwrite"), "pass one of them", ("run",)),
     ("resume-nothing", resume("empty"), "holds no run to resume", ("empty",)),
-    ("resume-a-run-that-died", resume("died"), "--overwrite", ("died",)),
+    ("resume-a-home-path", lambda p: ("env", [f"HOME={p['root']}", sys.executable, "train.py", "--config", QUICK,
+                                              *TINY, "--output=~/nowhere", "--resume"]), "--resume: /", ()),
+    ("output-in-a-checkpoint", lambda p: train("--output", p["ckpt"]), "lies inside the run folder", ("run",)),
+    ("output-in-checkpoints", lambda p: train("--output", p["run"] / "checkpoints", "--overwrite"),
+     "lies inside the run folder", ("run",)),
+    ("overwrite-the-current-folder", lambda p: ("env", ["-C", p["run"], sys.executable, ROOT / "train.py", "--config",
+                                                        ROOT / QUICK, *TINY, "--output", ".", "--overwrite"]),
+     "while it is the current folder", ("run",)),
+    ("resume-lost-config", resume("no_config", "--lr", "5"), "lost its config.yaml", ("no_config",)),
+    ("resume-fewer-steps", resume("run", "--max-steps", "5"), "max_steps 5 is fewer than the run has done (11)",
+     ("run",)),
     ("resume-path-missing", lambda p: train("--output", p["run"], "--resume", p["root"] / "nope"),
      "not a checkpoint folder", ("run",)),
     # train.py: resume with a different recipe
@@ -146,8 +152,8 @@ CASES = [
      "mix_prob (run None, now 0.5)", ("run",)),
     # train.py: damaged checkpoints and a model that does not fit
     ("resume-torn-model", resume("torn_model"), "step_00000011/model.safetensors cannot be read", ("torn_model",)),
-    ("resume-zeroed-optimizer", resume("zero_opt"), "step_00000011/optimizer.bin cannot be read", ("zero_opt",)),
-    ("resume-torn-custom-state", resume("torn_custom"), "step_00000011/custom_checkpoint_0.pkl cannot be read",
+    ("resume-zeroed-optimizer", resume("zero_opt"), "step_00000011/optimizer.bin is damaged", ("zero_opt",)),
+    ("resume-torn-custom-state", resume("torn_custom"), "step_00000011/state_progress.pkl cannot be read",
      ("torn_custom",)),
     ("resume-other-model", lambda p: train("--output", p["root"] / "wider", "--resume", p["ckpt"],
                                            "--model-kwargs", "{width: 8}"), "does not fit the model", ("run",)),
@@ -196,6 +202,7 @@ CASES = [
     ("analysis-landscape-steps-1", lambda p: ("-m", ["landscape", "--run", p["run"], "--steps", "1"]),
      "--steps must be >= 2", ("run",)),
     ("analysis-range-0", lambda p: ("-m", ["landscape", "--run", p["run"], "--range", "0"]), "--range", ("run",)),
+    ("analysis-range-inf", lambda p: ("-m", ["landscape", "--run", p["run"], "--range", "inf"]), "finite", ("run",)),
     ("analysis-missing-run", lambda p: ("-m", ["activations", "--run", p["root"] / "nope"]), "no such run folder",
      ()),
     ("analysis-output-under-a-file", lambda p: ("-m", ["activations", "--run", p["run"], "--output",

@@ -62,8 +62,8 @@ def dry_run(*args: str, output: Path) -> list[list[str]]:
 
 def test_slurm_dry_run_prints_each_nodes_launch_command_for_two_nodes_of_eight_gpus(tmp_path):
     output = tmp_path / "run"
-    (output / "checkpoints").mkdir(parents=True)      # a resubmitted job: the run has a checkpoint to continue
-    (output / "checkpoints" / "latest").write_text("step_00000010\n")
+    output.mkdir()                  # a resubmitted job: the run folder holds a run (with or without a checkpoint)
+    (output / "config.yaml").write_text("lr: 0.1\n")
     commands = dry_run("--lr", "0.05", "--wandb-name", "two words", output=output)
     for rank, argv in enumerate(commands):
         assert argv == ["accelerate", "launch", "--config_file", "configs/accelerate/multinode.yaml",

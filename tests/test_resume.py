@@ -1,12 +1,18 @@
 """Resume: a SIGTERM checkpoint and a damaged checkpoint both lead back to the weights of a run never stopped; the
-epoch statistics of a resumed epoch cover all its steps; a resume that extends the run follows the new schedule."""
+epoch statistics of a resumed epoch cover all its steps; a resume that extends the run follows the new schedule.
+The run folder: a second writer is refused while the first finishes as if alone; a bit flip falls back; a job
+killed before its first checkpoint is requeued with --resume and completes; a full disk is refused up front, and a
+checkpoint write that still meets one keeps the latest checkpoint."""
 from __future__ import annotations
 
 import csv
 import math
 import os
 import shutil
+import errno
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +22,7 @@ import pytest
 import torch
 
 from catchup.config import load_config
+from catchup.errors import CatchupError
 from catchup.runs import latest_checkpoint
 from catchup.stopping import STOPPED_EXIT_CODE, Stopped
 from tests.helpers import TINY, load_safetensors, run_train
@@ -148,3 +155,112 @@ def test_the_stop_signals_are_sigterm_and_sigusr1_or_those_the_environment_names
         os.kill(os.getpid(), signal.SIGUSR2)
         assert stop.requested(3) and "SIGUSR2" in stop.message(3)
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+
+
+def test_a_second_writer_is_refused_and_the_first_finishes_as_a_lone_run(straight, tmp_path):
+    out = tmp_path / "shared"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--output", str(out),
+                              *TINY], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lock, deadline = out / ".writer.lock", time.monotonic() + 240
+    while not (lock.exists() and lock.read_text().split()[:1] == [str(first.pid)]):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.02)
+    holder = f"is being written by pid {first.pid} on {socket.gethostname()}"
+    for second in (("--seed", "1"), ("--resume",), ("--overwrite",)):     # a mistake, a resume, a restart
+        with pytest.raises(CatchupError, match=holder):
+            run_train(out, *second)
+    _, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr
+    assert same_weights(out, straight)
+
+
+def test_a_bit_flip_in_the_weights_falls_back_to_the_previous_checkpoint(straight, tmp_path, capsys):
+    out = tmp_path / "flipped"
+    shutil.copytree(straight, out)
+    weights = latest_checkpoint(out) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-40] ^= 0x10                   # inside the last tensor: the file still reads back
+    weights.write_bytes(bytes(data))
+    load_safetensors(weights)
+    (out / "model.safetensors").unlink()
+    run_train(out, "--resume")
+    assert ("warning: skipping a damaged checkpoint: step_00000022/model.safetensors is damaged (its sha256 differs "
+            "from the one in manifest.json); resuming from step_00000011") in capsys.readouterr().out
+    assert same_weights(out, straight)
+
+
+def test_a_job_killed_before_its_first_checkpoint_is_requeued_with_resume_and_completes(straight, tmp_path,
+                                                                                      monkeypatch):
+    from catchup.resume import Checkpointer
+
+    def killed(self):
+        raise KeyboardInterrupt         # the job dies at step 1, before its first checkpoint is written
+
+    out = tmp_path / "requeued"
+    monkeypatch.setattr(Checkpointer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(out, "--checkpoint-every-steps", "1")
+    monkeypatch.undo()
+    assert (out / "config.yaml").exists() and not list((out / "checkpoints").glob("step_*"))
+    # the requeued job runs what the SLURM script launches on each node
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "1", "GPUS_PER_NODE": "1", "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "29500"}
+    env.pop("SLURM_SUBMIT_DIR", None)
+    proc = subprocess.run(["bash", "slurm/train_multinode.sbatch", "configs/quickstart.yaml", *TINY, "--output",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout.strip().split(":", 1)[1])
+    assert argv[-1] == "--resume"
+    run_train(out, *argv[argv.index("--output") + 2:])
+    assert same_weights(out, straight)
+
+
+def test_too_little_free_space_is_refused_before_anything_is_written(straight, tmp_path, monkeypatch):
+    checkpoint = sum(f.stat().st_size for f in latest_checkpoint(straight).iterdir())
+    # checkpoint_keep (2) + 1 checkpoints: one byte short when the estimate is no lower than the real size
+    monkeypatch.setattr("catchup.rundir.free_bytes", lambda folder: 3 * checkpoint - 1)
+    out = tmp_path / "full"
+    with pytest.raises(CatchupError, match=r"not enough free space for .*full: 3 checkpoints of about"):
+        run_train(out)
+    assert not out.exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_latest_checkpoint(straight, tmp_path,
+                                                                                       monkeypatch):
+    from accelerate import Accelerator
+    original = Accelerator.save_state
+
+    def disk_full(self, output_dir=None, **kwargs):
+        original(self, output_dir, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "disk_full"
+    shutil.copytree(straight, out)
+    monkeypatch.setattr(Accelerator, "save_state", disk_full)
+    with pytest.raises(CatchupError, match="no space left on the device of .* while writing the checkpoint of step "
+                                           "33; the latest checkpoint step_00000022 is kept"):
+        run_train(out, "--resume", "--epochs", "3")
+    assert latest_checkpoint(out).name == "step_00000022"
+    assert not list((out / "checkpoints").glob(".incomplete-*"))
+
+
+def test_an_evaluation_that_fails_keeps_the_epochs_training(straight, tmp_path, monkeypatch):
+    import catchup.engine
+    original = catchup.engine.evaluate
+
+    def bad_image_in_epoch_1(model, loader, accelerator, channels_last=False):
+        if latest_checkpoint(out).name == "step_00000022":
+            raise CatchupError("cannot decode validation image 7.png")
+        return original(model, loader, accelerator, channels_last)
+
+    out = tmp_path / "eval_fails"
+    monkeypatch.setattr(catchup.engine, "evaluate", bad_image_in_epoch_1)
+    with pytest.raises(CatchupError, match="7.png"):
+        run_train(out)
+    monkeypatch.undo()
+    assert latest_checkpoint(out).name == "step_00000022"      # written before the evaluation
+    run_train(out, "--resume")                                   # evaluates epoch 1 without training it again
+    assert same_weights(out, straight)
+    assert [r.keys() for r in summary(out)] == [r.keys() for r in summary(straight)]
+    assert summary(out)[1]["eval_top1"] == summary(straight)[1]["eval_top1"]

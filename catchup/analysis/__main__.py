@@ -86,8 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise CatchupError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     for name in ("span", "tol"):
         value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise CatchupError(f"--{'range' if name == 'span' else name} must be > 0, got {value}")
+        if value is not None and not 0 < value < float("inf"):     # NaN fails both
+            raise CatchupError(f"--{'range' if name == 'span' else name} must be a finite number > 0, got {value}")
     if args.command == "filters":
         for path in args.npz:
             if not Path(path).is_file():

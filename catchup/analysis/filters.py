@@ -242,13 +242,29 @@ def load_filter_norms(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray
         with np.load(path) as data:
             if not hasattr(data, "files") or "stages" not in data:
                 raise CatchupError(f"{path} is not a filter-norm file (no 'stages' entry)")
-            return {str(n): {k: data[f"{n}/{k}"] for k in ("steps", "act_norm", "grad_norm")}
-                    for n in data["stages"]}
+            series = {str(n): {k: data[f"{n}/{k}"] for k in ("steps", "act_norm", "grad_norm")}
+                      for n in data["stages"]}
+        _check_series(path, series)
+        return series
     except CatchupError:
         raise
     except Exception as err:  # numpy raises ValueError, OSError, zipfile and pickle errors for files it cannot read
         detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         raise CatchupError(f"cannot read {path} as a filter-norm .npz file ({detail})") from None
+
+
+def _check_series(path, series: dict) -> None:
+    """What the plots assume, so a damaged file is named here rather than failing inside matplotlib."""
+    if not series:
+        raise CatchupError(f"{path} holds no stages")
+    for name, s in series.items():
+        steps, act, grad = (np.asarray(s[k]) for k in ("steps", "act_norm", "grad_norm"))
+        if steps.ndim != 1 or not steps.size or act.ndim != 2 or act.shape != grad.shape or \
+                act.shape[0] != steps.size or not act.shape[1]:
+            raise CatchupError(f"{path}: stage {name!r} has steps {steps.shape}, act_norm {act.shape}, grad_norm "
+                               f"{grad.shape}; expected [T], [T, C], [T, C] with T, C >= 1")
+        if not (np.isfinite(act).all() and np.isfinite(grad).all()):
+            raise CatchupError(f"{path}: stage {name!r} holds NaN or infinite norms (did the run diverge?)")
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
