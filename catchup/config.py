@@ -92,6 +92,7 @@ class TrainConfig:
     # bookkeeping
     output: str = "runs/default"  # run folder: checkpoints, resolved config.yaml, logs
     eval_every: int = 1  # evaluate every this many epochs
+    eval_last: int = 0  # also evaluate after each of the last this many epochs (median_last10_top1 uses them)
     checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
     checkpoint_keep: int = 2  # checkpoints kept on disk
     log_every: int = 10  # log training metrics every this many optimizer steps
@@ -100,6 +101,7 @@ class TrainConfig:
     wandb_entity: str | None = None  # W&B team or user; None = the default entity
     wandb_name: str | None = None  # W&B run name; None = generated
     wandb_tags: list[str] = field(default_factory=list)  # W&B run tags
+    wandb_group: str | None = None  # W&B group; catchup.sweep sets it to the sweep's name
     wandb_log_model: bool = False  # log the final weights as a W&B model artifact (config.json + model.safetensors)
     track_filters: bool = False  # log filter-influence statistics during training
     track_filters_every: int = 100  # optimizer steps between filter statistics

@@ -21,7 +21,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
         "track_filters_every")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
         "max_steps", "warmup_epochs", "warmup_lr", "min_lr", "momentum", "weight_decay", "workers",
-        "checkpoint_every_steps", "mixup_off_epoch")),
+        "checkpoint_every_steps", "mixup_off_epoch", "eval_last")),
     *((k, _optional(lambda v: v >= 1), ">= 1 or null") for k in ("num_classes", "input_size", "eval_batch_size")),
     ("clip_grad", _optional(lambda v: v > 0), "> 0 or null"),
     ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
