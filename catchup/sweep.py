@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,12 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catchup.cli import run_cli
-from catchup.config import load_config
+from catchup.config import config_to_dict, load_config
 from catchup.errors import CatchupError
-from catchup.runs import latest_checkpoint
-from catchup.sweep_table import METRICS, TIME_FILE, collect_runs, write_tables
+from catchup.rundir import latest_checkpoint   # not catchup.runs, which loads torch and timm
+from catchup.sweep_slurm import split_argv, submit
+from catchup.sweep_table import (METRICS, TIME_FILE, code_note, code_versions, collect_runs, log_wandb_table,
+                                 write_tables)
 
 SCRIPTS = Path(__file__).resolve().parents[1]   # train.py and evaluate.py
+# recipe keys the sweep sets for every run, so a grid over them would be ignored or break the sweep
+OWNED_KEYS = {"output": "each run's folder is set by the sweep (<output>/runs/<grid point>)",
+              "experiment": "each run's folder is set by the sweep (<output>/runs/<grid point>)",
+              "wandb_group": "every run of a sweep is in the W&B group of the sweep's --name"}
 
 
 @dataclass
@@ -78,6 +85,8 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
             raise CatchupError(f"grid entries look like key=v1,v2,...; got {item!r}")
         if key in grid:
             raise CatchupError(f"grid key {key!r} is given twice")
+        if key in OWNED_KEYS:
+            raise CatchupError(f"grid key {key!r}: {OWNED_KEYS[key]}")
         values = split_values(text)
         if len(set(values)) != len(values):
             raise CatchupError(f"grid key {key!r} repeats a value: {text}")
@@ -111,6 +120,14 @@ def point_overrides(point: Point) -> list[str]:
     return [arg for k, v in point.values.items() for arg in (f"--{k}", v)]
 
 
+def train_args(args: argparse.Namespace, fixed: list[str], point: Point) -> list[str]:
+    """train.py's arguments for a grid point, the same for the local runner and a SLURM array task; the runs are
+    grouped in W&B under the sweep's name unless the overrides name a group."""
+    group = [] if any(a.split("=")[0] in ("--wandb-group", "--wandb_group") for a in fixed) else [
+        "--wandb-group", args.name]
+    return ["--config", str(args.config), *point_overrides(point), *fixed, *group, "--output", str(point.run_dir)]
+
+
 def state_of(run_dir: Path) -> str:
     """'done' (results.json), 'resume' (a complete checkpoint), 'restart' (started, no checkpoint) or 'new'."""
     if (run_dir / "results.json").exists():
@@ -140,8 +157,7 @@ class Sweep:
             self.devices.put(args.gpus[slot % len(args.gpus)])
 
     def train_command(self, point: Point, state: str) -> list[str]:
-        cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(self.args.config),
-               *point_overrides(point), *self.fixed, "--output", str(point.run_dir)]
+        cmd = [sys.executable, str(SCRIPTS / "train.py"), *train_args(self.args, self.fixed, point)]
         return cmd + {"resume": ["--resume"], "restart": ["--overwrite"], "new": []}[state]
 
     def eval_command(self, point: Point) -> list[str]:
@@ -189,12 +205,13 @@ class Sweep:
         return point, ("skipped" if state == "done" else state), ""
 
     def stop(self) -> None:
-        """Ctrl-C or SIGTERM: interrupt the children (train.py keeps its last complete checkpoint)."""
+        """Ctrl-C or SIGTERM: stop the children with SIGTERM, on which train.py writes a checkpoint and exits.
+        Not SIGINT: children of a sweep started in the background (`&`, nohup) ignore it."""
         with self.lock:
             self.stopping = True
             for proc in self.children:
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM)
 
     def run(self) -> list[tuple[Point, str, str]]:
         done: list[tuple[Point, str, str]] = []
@@ -261,38 +278,92 @@ def parse_args(argv):
     p.add_argument("--baseline", default=None, metavar="KEY=VALUE",
                    help="add each point's last top-1 minus this grid point's, seed by seed (e.g. mix=none)")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild the table from the run folders")
+    p.add_argument("--name", default=None,
+                   help="the sweep's name: every run's W&B group and the SLURM job name (default: --output's name)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each run's command (with --slurm: the sbatch command, its script and each array "
+                        "task's command) and change nothing")
+    p.add_argument("--max-running", type=int, default=None, metavar="N",
+                   help="with --slurm: at most N array tasks at a time (sbatch --array=...%%N)")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the runs without results.json as one SLURM job array, one task per grid point; "
+                        "everything after --slurm is passed to sbatch (e.g. --slurm --partition gpu --nodes 2)")
     return p.parse_known_args(argv)
 
 
 def main(argv=None) -> int:
-    args, fixed = parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        raise CatchupError("--jobs and --threads must be >= 1")
+    own, sbatch_options = split_argv(sys.argv[1:] if argv is None else argv)
+    args, fixed = parse_args(own)
+    if args.jobs < 1 or args.threads < 1 or (args.max_running is not None and args.max_running < 1):
+        raise CatchupError("--jobs, --threads and --max-running must be >= 1")
     if "--output" in fixed or any(a.startswith("--output=") for a in fixed):
         raise CatchupError("--output is the sweep folder; each run's output is set by the sweep")
+    args.name = args.name or args.output.absolute().name
     grid = parse_grid(args.grid)
     baseline = _baseline(args.baseline, grid, args.seed_key)
     points = grid_points(grid, args.output / "runs", args.seed_key)
-    for point in points:   # every recipe is checked before anything starts
-        load_config(args.config, [*point_overrides(point), *fixed])
+    # every recipe is checked before anything starts
+    configs = [load_config(args.config, [*point_overrides(p), *fixed]) for p in points]
+    _refuse_equal_points(points, configs, grid)
+    if args.dry_run:
+        _dry_run(args, fixed, points, sbatch_options)
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     failed = []
     if not args.collect:
         (args.output / "sweep.json").write_text(json.dumps(
             {"command": ["python", "-m", "catchup.sweep", *(argv if argv is not None else sys.argv[1:])],
-             "config": str(args.config), "grid": grid, "overrides": fixed}, indent=2) + "\n")
-        todo = sum(state_of(p.run_dir) != "done" for p in points)
-        print(f"sweep: {len(points)} runs ({todo} to train), {args.jobs} at a time, "
-              f"{max(1, args.threads // args.jobs)} thread(s) each, in {args.output}", flush=True)
-        sweep = Sweep(args, fixed, points)
-        signal.signal(signal.SIGTERM, _interrupt)
-        failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
-    rows = collect_runs(points, [k for k in grid if k != args.seed_key], args.seed_key)
-    paths = write_tables(rows, args.output, [k for k in grid if k != args.seed_key], args.seed_key, baseline)
+             "config": str(args.config), "grid": grid, "overrides": fixed, "name": args.name}, indent=2) + "\n")
+        todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
+        if sbatch_options is not None:
+            submit(args.output, args.name, [p.label() for p in points],
+                   [train_args(args, fixed, p) for p in points], todo, sbatch_options, args.max_running, False)
+        else:
+            print(f"sweep: {len(points)} runs ({len(todo)} to train), {args.jobs} at a time, "
+                  f"{max(1, args.threads // args.jobs)} thread(s) each, in {args.output}", flush=True)
+            sweep = Sweep(args, fixed, points)
+            signal.signal(signal.SIGTERM, _interrupt)
+            failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
+    group_keys = [k for k in grid if k != args.seed_key]
+    rows = collect_runs(points, group_keys, args.seed_key)
+    paths = write_tables(rows, args.output, group_keys, args.seed_key, baseline)
     print(f"table of {len(rows)} finished runs: {', '.join(str(p) for p in paths)}")
+    if len(code_versions(rows)) > 1:
+        print(f"warning: {code_note(rows)}", file=sys.stderr)
+    modes = [c.wandb_mode for c in configs if c.wandb_mode != "disabled"]
+    if rows and modes and sbatch_options is None:    # not at a submission: the array's runs have yet to finish
+        log_wandb_table(rows, args.output, group_keys, args.seed_key, baseline, name=args.name, mode=modes[0],
+                        project=configs[0].wandb_project, entity=configs[0].wandb_entity)
     for point, detail in failed:
         print(f"failed: {point.label()} ({detail})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refuse_equal_points(points: list[Point], configs: list, grid: dict[str, list[str]]) -> None:
+    """Two grid points with the same recipe (`seed=0,00`, `lr=0.1,1e-1`) would be one run counted twice."""
+    seen: dict[str, Point] = {}
+    for point, cfg in zip(points, configs):
+        recipe = {k: v for k, v in config_to_dict(cfg).items() if k != "output"}
+        key = json.dumps(recipe, sort_keys=True, default=str)
+        if key in seen:
+            other = seen[key]
+            k = next(k for k in grid if point.values[k] != other.values[k])
+            raise CatchupError(f"grid key {k!r}: {other.values[k]!r} and {point.values[k]!r} are the same value, "
+                               f"so two grid points would be the same run")
+        seen[key] = point
+
+
+def _dry_run(args: argparse.Namespace, fixed: list[str], points: list[Point], sbatch_options) -> None:
+    """Print what would run, change nothing."""
+    todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
+    if sbatch_options is not None:
+        submit(args.output, args.name, [p.label() for p in points], [train_args(args, fixed, p) for p in points],
+               todo, sbatch_options, args.max_running, True)
+        return
+    sweep = Sweep(args, fixed, points)
+    for point in points:
+        state = state_of(point.run_dir)
+        print(f"{point.label()}: " + ("done" if state == "done" else shlex.join(sweep.train_command(point, state))))
 
 
 def _baseline(text: str | None, grid: dict[str, list[str]], seed_key: str) -> tuple[str, str] | None:

@@ -30,6 +30,9 @@ def test_grid_values_keep_brackets_together():
     for bad in (["mix"], ["mix=none,,cutmix"], ["mix=[a,b"], ["mix=a", "mix=b"], ["seed=1,1"]):
         with pytest.raises(CatchupError):
             parse_grid(bad)
+    for owned in ("output", "experiment", "wandb-group"):     # set by the sweep for every run
+        with pytest.raises(CatchupError, match="set by the sweep|W&B group of the sweep"):
+            parse_grid([f"{owned}=a,b"])
 
 
 def test_points_go_seed_by_seed_with_readable_folder_names(tmp_path):
@@ -47,6 +50,10 @@ def test_unknown_recipe_keys_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(CatchupError, match="lrr"):
         main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
               "--lrr", "0.1"])
+    # values that differ as text but not as recipe values would be one run counted twice
+    for grid, shown in ((["seed=0,00"], "'0' and '00'"), (["mix=none", "lr=0.1,1e-1"], "'0.1' and '1e-1'")):
+        with pytest.raises(CatchupError, match=f"{shown} are the same value"):
+            main(["--config", "configs/quickstart.yaml", "--grid", *grid, "--output", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
 
 
@@ -82,8 +89,10 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     first, second, third, fourth = (runs / n for n in ("mix=none_seed=0", "mix=cutmix_seed=0", "mix=none_seed=1",
                                                        "mix=cutmix_seed=1"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # started as a shell starts `sweep &`: SIGINT ignored, which its children inherit, so only SIGTERM stops them
     proc = subprocess.Popen(_sweep_command(out, jobs=1), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     # interrupt while the second run is between its first checkpoint and its end
     _wait_for(lambda: (first / "results.json").exists() and (second / "checkpoints" / "latest").exists(), proc)
     proc.send_signal(signal.SIGTERM)
