@@ -49,6 +49,7 @@ class Point:
     """One grid point: its overrides in grid order and its run folder."""
     values: dict[str, str]
     run_dir: Path
+    wandb: bool = True      # whether its recipe logs to W&B (then it is given the sweep's W&B group)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,8 +96,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def run_name(values: dict[str, str]) -> str:
-    """Folder name of a grid point: `mix=none_seed=0`; characters a path should not hold become '-'."""
-    return "_".join(f"{k}={re.sub(r'[^A-Za-z0-9.+=-]', '-', v)}" for k, v in values.items())
+    """Folder name of a grid point: `mix=none_seed=0`; characters a path should not hold become '-'. A recipe
+    (the `config` key) is named by its file name without `.yaml`."""
+    shown = {k: Path(v).stem if k == "config" else v for k, v in values.items()}
+    return "_".join(f"{k}={re.sub(r'[^A-Za-z0-9.+=-]', '-', v)}" for k, v in shown.items())
 
 
 def grid_points(grid: dict[str, list[str]], runs_dir: Path, seed_key: str = "seed") -> list[Point]:
@@ -117,15 +120,21 @@ def grid_points(grid: dict[str, list[str]], runs_dir: Path, seed_key: str = "see
 
 
 def point_overrides(point: Point) -> list[str]:
-    return [arg for k, v in point.values.items() for arg in (f"--{k}", v)]
+    return [arg for k, v in point.values.items() if k != "config" for arg in (f"--{k}", v)]
+
+
+def point_recipe(args: argparse.Namespace, point: Point) -> Path:
+    """The point's recipe: its `config` grid value (`--grid config=a.yaml,b.yaml`), else --config."""
+    return Path(point.values["config"]) if "config" in point.values else args.config
 
 
 def train_args(args: argparse.Namespace, fixed: list[str], point: Point) -> list[str]:
-    """train.py's arguments for a grid point, the same for the local runner and a SLURM array task; the runs are
-    grouped in W&B under the sweep's name unless the overrides name a group."""
-    group = [] if any(a.split("=")[0] in ("--wandb-group", "--wandb_group") for a in fixed) else [
-        "--wandb-group", args.name]
-    return ["--config", str(args.config), *point_overrides(point), *fixed, *group, "--output", str(point.run_dir)]
+    """train.py's arguments for a grid point, the same for the local runner and a SLURM array task; runs that log
+    to W&B are grouped under the sweep's name unless the overrides name a group."""
+    named = any(a.split("=")[0] in ("--wandb-group", "--wandb_group") for a in fixed)
+    group = ["--wandb-group", args.name] if point.wandb and not named else []
+    return ["--config", str(point_recipe(args, point)), *point_overrides(point), *fixed, *group, "--output",
+            str(point.run_dir)]
 
 
 def state_of(run_dir: Path) -> str:
@@ -261,7 +270,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
                                 allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for "
                                                            "every run.")
-    p.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML shared by every run")
+    p.add_argument("-c", "--config", type=Path,
+                   help="recipe YAML shared by every run (or a grid over recipes: --grid config=a.yaml,b.yaml)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="recipe keys and their values; one run per combination")
     p.add_argument("--output", required=True, type=Path, help="sweep folder: runs/, logs/, table.*")
@@ -303,8 +313,12 @@ def main(argv=None) -> int:
     baseline = _baseline(args.baseline, grid, args.seed_key)
     points = grid_points(grid, args.output / "runs", args.seed_key)
     # every recipe is checked before anything starts
-    configs = [load_config(args.config, [*point_overrides(p), *fixed]) for p in points]
+    if (args.config is None) == ("config" not in grid):
+        raise CatchupError("give the recipe either as --config or as the grid key config=a.yaml,b.yaml, not both")
+    configs = [load_config(point_recipe(args, p), [*point_overrides(p), *fixed]) for p in points]
     _refuse_equal_points(points, configs, grid)
+    for point, cfg in zip(points, configs):
+        point.wandb = cfg.wandb_mode != "disabled"
     if args.dry_run:
         _dry_run(args, fixed, points, sbatch_options)
         return 0
@@ -313,7 +327,7 @@ def main(argv=None) -> int:
     if not args.collect:
         (args.output / "sweep.json").write_text(json.dumps(
             {"command": ["python", "-m", "catchup.sweep", *(argv if argv is not None else sys.argv[1:])],
-             "config": str(args.config), "grid": grid, "overrides": fixed, "name": args.name}, indent=2) + "\n")
+             "config": None if args.config is None else str(args.config), "grid": grid, "overrides": fixed, "name": args.name}, indent=2) + "\n")
         todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
         if sbatch_options is not None:
             submit(args.output, args.name, [p.label() for p in points],
@@ -329,7 +343,7 @@ def main(argv=None) -> int:
     paths = write_tables(rows, args.output, group_keys, args.seed_key, baseline)
     print(f"table of {len(rows)} finished runs: {', '.join(str(p) for p in paths)}")
     if len(code_versions(rows)) > 1:
-        print(f"warning: {code_note(rows)}", file=sys.stderr)
+        print(code_note(rows), file=sys.stderr)
     modes = [c.wandb_mode for c in configs if c.wandb_mode != "disabled"]
     if rows and modes and sbatch_options is None:    # not at a submission: the array's runs have yet to finish
         log_wandb_table(rows, args.output, group_keys, args.seed_key, baseline, name=args.name, mode=modes[0],

@@ -77,6 +77,9 @@ def script(name: str, labels: Sequence[str], task_args: Sequence[Sequence[str]],
 {chr(10).join(_template_directives())}
 #SBATCH --output={logs}/slurm-%A_%a.out
 set -euo pipefail
+# processes per node for accelerate launch: the GPUs asked for with --gpus-per-node (type:count or count), else 8
+GPUS="${{SLURM_GPUS_PER_NODE:-8}}"
+export GPUS_PER_NODE="${{GPUS_PER_NODE:-${{GPUS##*:}}}}"
 case "${{SLURM_ARRAY_TASK_ID:?this script runs as a SLURM array task}}" in
 {cases}
   *) echo "no grid point $SLURM_ARRAY_TASK_ID in this sweep" >&2; exit 1 ;;
