@@ -20,8 +20,9 @@ ATTEMPTS = "provenance.jsonl"
 
 
 def git_state(repo: Path = REPO) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout the code runs from; (None, None) outside git. Untracked files (run
-    folders, data) do not count as dirty: they are not code that was run."""
+    """(commit, dirty) of the checkout the code runs from; (None, None) outside a checkout of this project (an
+    installed package: its `catchup` version says which code). Untracked files (run folders, data) do not count
+    as dirty: they are not code that was run."""
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
@@ -29,6 +30,10 @@ def git_state(repo: Path = REPO) -> tuple[str | None, bool | None]:
             return None
         return proc.stdout if proc.returncode == 0 else None
 
+    top = git("rev-parse", "--show-toplevel")
+    # an installed package inside someone else's repository (a venv in their project) is not that project's code
+    if top is None or Path(top.strip()).resolve() != repo.resolve():
+        return None, None
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return None, None
@@ -69,6 +74,7 @@ def collect(device: Any, num_processes: int) -> dict[str, Any]:
     on_gpu = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
     return {
         "git_commit": commit, "git_dirty": dirty,
+        "catchup": _version("catchup"),
         "python": platform.python_version(), "torch": torch.__version__, "timm": _version("timm"),
         "accelerate": _version("accelerate"),
         "device": str(device), "cpu": _cpu_model(), "gpu": torch.cuda.get_device_name(device) if on_gpu else None,

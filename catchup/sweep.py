@@ -3,6 +3,7 @@
     python -m catchup.sweep --config configs/quickstart.yaml --grid mix=none,cutmix,catchup seed=0,1,2 \\
         --output sweeps/qs --jobs 2 --epochs 20 --wandb-mode disabled
     python -m catchup.sweep ... --collect           # the same command: only rebuild the table from the runs
+    python -m catchup.sweep ... --slurm --partition gpu --time 24:00:00   # one SLURM array task per grid point
 
 Every grid point is an ordinary run folder `<output>/runs/<key>=<value>_...` made by train.py, so it can be
 resumed, evaluated and loaded like any other run. Arguments the sweep does not know (`--epochs 20`) are recipe
@@ -14,11 +15,9 @@ and restarts one that stopped before its first. The table goes to `<output>/tabl
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
@@ -26,115 +25,19 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from catchup.cli import run_cli
-from catchup.config import config_to_dict, load_config
+from catchup.config import load_config
 from catchup.errors import CatchupError
 from catchup.rundir import latest_checkpoint   # not catchup.runs, which loads torch and timm
+from catchup.sweep_grid import (Point, grid_points, parse_grid, point_overrides,  # noqa: F401 (re-exported)
+                                point_recipe, refuse_equal_points, run_name, split_values, train_args)
 from catchup.sweep_slurm import split_argv, submit
 from catchup.sweep_table import (METRICS, TIME_FILE, code_note, code_versions, collect_runs, log_wandb_table,
                                  write_tables)
 
 SCRIPTS = Path(__file__).resolve().parents[1]   # train.py and evaluate.py
-# recipe keys the sweep sets for every run, so a grid over them would be ignored or break the sweep
-OWNED_KEYS = {"output": "each run's folder is set by the sweep (<output>/runs/<grid point>)",
-              "experiment": "each run's folder is set by the sweep (<output>/runs/<grid point>)",
-              "wandb_group": "every run of a sweep is in the W&B group of the sweep's --name"}
-
-
-@dataclass
-class Point:
-    """One grid point: its overrides in grid order and its run folder."""
-    values: dict[str, str]
-    run_dir: Path
-    wandb: bool = True      # whether its recipe logs to W&B (then it is given the sweep's W&B group)
-    name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.name = self.run_dir.name
-
-    def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.values.items())
-
-
-def split_values(text: str) -> list[str]:
-    """`a,b,[1,2]` -> ['a', 'b', '[1,2]']: commas inside brackets or braces belong to the value."""
-    values, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            values.append(current)
-            current = ""
-        else:
-            current += char
-    values.append(current)
-    if depth != 0 or any(not v.strip() for v in values):
-        raise CatchupError(f"cannot read the grid values {text!r}: expected a comma-separated list like a,b,c")
-    return [v.strip() for v in values]
-
-
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """['mix=none,cutmix', 'seed=0,1'] -> {'mix': ['none', 'cutmix'], 'seed': ['0', '1']}."""
-    grid: dict[str, list[str]] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise CatchupError(f"grid entries look like key=v1,v2,...; got {item!r}")
-        if key in grid:
-            raise CatchupError(f"grid key {key!r} is given twice")
-        if key in OWNED_KEYS:
-            raise CatchupError(f"grid key {key!r}: {OWNED_KEYS[key]}")
-        values = split_values(text)
-        if len(set(values)) != len(values):
-            raise CatchupError(f"grid key {key!r} repeats a value: {text}")
-        grid[key] = values
-    return grid
-
-
-def run_name(values: dict[str, str]) -> str:
-    """Folder name of a grid point: `mix=none_seed=0`; characters a path should not hold become '-'. A recipe
-    (the `config` key) is named by its file name without `.yaml`."""
-    shown = {k: Path(v).stem if k == "config" else v for k, v in values.items()}
-    return "_".join(f"{k}={re.sub(r'[^A-Za-z0-9.+=-]', '-', v)}" for k, v in shown.items())
-
-
-def grid_points(grid: dict[str, list[str]], runs_dir: Path, seed_key: str = "seed") -> list[Point]:
-    """Every combination, seed by seed (the seed key outermost), then in the grid's own order."""
-    keys = list(grid)
-    outer = [seed_key] if seed_key in grid else []
-    inner = [k for k in keys if k not in outer]
-    points = []
-    for combo in itertools.product(*(grid[k] for k in outer + inner)):
-        chosen = dict(zip(outer + inner, combo))
-        values = {k: chosen[k] for k in keys}
-        points.append(Point(values, runs_dir / run_name(values)))
-    names = [p.name for p in points]
-    if len(set(names)) != len(names):
-        raise CatchupError("two grid points map to the same run folder name; make the values differ in letters "
-                           "or digits, not only in punctuation")
-    return points
-
-
-def point_overrides(point: Point) -> list[str]:
-    return [arg for k, v in point.values.items() if k != "config" for arg in (f"--{k}", v)]
-
-
-def point_recipe(args: argparse.Namespace, point: Point) -> Path:
-    """The point's recipe: its `config` grid value (`--grid config=a.yaml,b.yaml`), else --config."""
-    return Path(point.values["config"]) if "config" in point.values else args.config
-
-
-def train_args(args: argparse.Namespace, fixed: list[str], point: Point) -> list[str]:
-    """train.py's arguments for a grid point, the same for the local runner and a SLURM array task; runs that log
-    to W&B are grouped under the sweep's name unless the overrides name a group."""
-    named = any(a.split("=")[0] in ("--wandb-group", "--wandb_group") for a in fixed)
-    group = ["--wandb-group", args.name] if point.wandb and not named else []
-    return ["--config", str(point_recipe(args, point)), *point_overrides(point), *fixed, *group, "--output",
-            str(point.run_dir)]
 
 
 def state_of(run_dir: Path) -> str:
@@ -316,7 +219,7 @@ def main(argv=None) -> int:
     if (args.config is None) == ("config" not in grid):
         raise CatchupError("give the recipe either as --config or as the grid key config=a.yaml,b.yaml, not both")
     configs = [load_config(point_recipe(args, p), [*point_overrides(p), *fixed]) for p in points]
-    _refuse_equal_points(points, configs, grid)
+    refuse_equal_points(points, configs, grid)
     for point, cfg in zip(points, configs):
         point.wandb = cfg.wandb_mode != "disabled"
     if args.dry_run:
@@ -327,7 +230,8 @@ def main(argv=None) -> int:
     if not args.collect:
         (args.output / "sweep.json").write_text(json.dumps(
             {"command": ["python", "-m", "catchup.sweep", *(argv if argv is not None else sys.argv[1:])],
-             "config": None if args.config is None else str(args.config), "grid": grid, "overrides": fixed, "name": args.name}, indent=2) + "\n")
+             "config": None if args.config is None else str(args.config), "grid": grid, "overrides": fixed,
+             "name": args.name}, indent=2) + "\n")
         todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
         if sbatch_options is not None:
             submit(args.output, args.name, [p.label() for p in points],
@@ -351,20 +255,6 @@ def main(argv=None) -> int:
     for point, detail in failed:
         print(f"failed: {point.label()} ({detail})", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _refuse_equal_points(points: list[Point], configs: list, grid: dict[str, list[str]]) -> None:
-    """Two grid points with the same recipe (`seed=0,00`, `lr=0.1,1e-1`) would be one run counted twice."""
-    seen: dict[str, Point] = {}
-    for point, cfg in zip(points, configs):
-        recipe = {k: v for k, v in config_to_dict(cfg).items() if k != "output"}
-        key = json.dumps(recipe, sort_keys=True, default=str)
-        if key in seen:
-            other = seen[key]
-            k = next(k for k in grid if point.values[k] != other.values[k])
-            raise CatchupError(f"grid key {k!r}: {other.values[k]!r} and {point.values[k]!r} are the same value, "
-                               f"so two grid points would be the same run")
-        seen[key] = point
 
 
 def _dry_run(args: argparse.Namespace, fixed: list[str], points: list[Point], sbatch_options) -> None:

@@ -22,19 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-kwargs", "{width: 4}", "--batch-size", "32", "--train-fraction", "0.25", "--workers", "0",
         "--max-steps", "24", "--checkpoint-every-steps", "6", "--log-every", "2"]
 
-# sbatch, srun and scontrol as a one-machine cluster: sbatch runs each array task in turn (again after a
-# `scontrol requeue`), srun runs train.py directly as one node of one process
+# sbatch, srun and scontrol as a one-machine cluster: sbatch runs the array's tasks, %N at a time, each again after
+# a `scontrol requeue`; srun runs train.py directly as one node of one process
 FAKE_SBATCH = """\
     import json, os, subprocess, sys
+    from concurrent.futures import ThreadPoolExecutor
     state = os.environ["FAKE_SLURM_DIR"]
     with open(os.path.join(state, "calls.jsonl"), "a") as f:
         f.write(json.dumps(sys.argv[1:]) + "\\n")
-    spec = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--array="))
+    spec, _, limit = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--array=")).partition("%")
     indices = []
-    for part in spec.split("%")[0].split(","):
+    for part in spec.split(","):
         first, _, last = part.partition("-")
         indices += range(int(first), int(last or first) + 1)
-    for index in indices if not os.environ.get("FAKE_SLURM_NO_RUN") else []:
+
+    def task(index):
         job, restarts = str(1000 + index), 0
         while True:
             env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_JOB_ID": job, "SLURM_NNODES": "1",
@@ -47,11 +49,15 @@ FAKE_SBATCH = """\
                 code = proc.wait()
             with open(os.path.join(state, "exits.jsonl"), "a") as f:
                 f.write(json.dumps([index, code]) + "\\n")
-            requeue = os.path.join(state, "requeue")
-            if not (os.path.exists(requeue) and job in open(requeue).read().split()):
-                break
+            requeue = os.path.join(state, f"requeue-{job}")
+            if not os.path.exists(requeue):
+                return
             os.remove(requeue)
             restarts += 1
+
+    if not os.environ.get("FAKE_SLURM_NO_RUN"):
+        with ThreadPoolExecutor(int(limit or len(indices))) as pool:     # the %N limit, as SLURM keeps it
+            list(pool.map(task, indices))
     print("999")
 """
 FAKE_SRUN = """\
@@ -65,7 +71,7 @@ FAKE_SRUN = """\
 FAKE_SCONTROL = """\
     #!/bin/bash
     case "$1" in
-      requeue) echo "$2" >> "$FAKE_SLURM_DIR/requeue" ;;
+      requeue) touch "$FAKE_SLURM_DIR/requeue-$2" ;;
       show) echo localhost ;;
     esac
 """
@@ -135,7 +141,7 @@ def array_run(tmp_path_factory):
     out = tmp_path / "sw"
     command = [sys.executable, "-m", "catchup.sweep", "--config", "configs/quickstart.yaml", "--grid",
                "mix=none,cutmix", "wandb_mode=offline,disabled", "--output", str(out), "--name", "digits-grid",
-               *TINY, "--slurm", "--time", "0:30:00"]
+               "--max-running", "2", *TINY, "--slurm", "--time", "0:30:00"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = out / "runs" / "mix=cutmix_wandb_mode=disabled"
     pid_file = Path(env["FAKE_SLURM_DIR"]) / "task-3.pid"
@@ -149,9 +155,8 @@ def array_run(tmp_path_factory):
 def test_array_runs_every_point_and_the_preempted_task_resumes_to_the_same_weights(array_run):
     out, state = array_run["out"], array_run["state"]
     (call,) = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
-    assert call[:4] == ["--parsable", "--array=0-3", "--time", "0:30:00"] and call[-1] == str(out / "slurm" /
-                                                                                              "array.sbatch")
-    exits = [json.loads(line) for line in (state / "exits.jsonl").read_text().splitlines()]
+    assert call == ["--parsable", "--array=0-3%2", "--time", "0:30:00", str(out / "slurm" / "array.sbatch")]
+    exits = sorted(json.loads(line) for line in (state / "exits.jsonl").read_text().splitlines())
     assert exits == [[0, 0], [1, 0], [2, 0], [3, 0], [3, 0]]     # task 3 ran twice: pre-empted, then requeued
     log = (state / "task-3.out").read_text()
     assert "time limit near" in log and "resumed from" in log
@@ -163,7 +168,7 @@ def test_array_runs_every_point_and_the_preempted_task_resumes_to_the_same_weigh
     straight = load_safetensors(runs / "mix=cutmix_wandb_mode=offline" / "model.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(resumed[k].equal(straight[k]) for k in resumed)
-    assert "submitted job array 999 (4 task(s): --array=0-3)" in array_run["output"]
+    assert "submitted job array 999 (4 task(s): --array=0-3%2)" in array_run["output"]
 
 
 def test_runs_carry_the_sweeps_wandb_group_grid_values_and_provenance(array_run):
@@ -196,7 +201,15 @@ def test_rerun_submits_only_unfinished_points_and_collect_logs_the_wandb_table(a
     again = subprocess.run(array_run["command"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and calls[-1][1] == "--array=1"
+    assert len(calls) == 2 and calls[-1][1] == "--array=1%2"
+    # while SLURM still lists that array, submitting again would put a second writer on its run
+    squeue = Path(env["PATH"].split(os.pathsep)[0]) / "squeue"
+    squeue.write_text("#!/bin/bash\necho 999_1\n")
+    squeue.chmod(0o755)
+    refused = subprocess.run(array_run["command"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    squeue.unlink()
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --slurm: job(s) 999 of this sweep are still")
+    assert len((state / "calls.jsonl").read_text().splitlines()) == 2
     (out / "results.json.kept").rename(out / "runs" / "mix=none_wandb_mode=disabled" / "results.json")
 
     collect = subprocess.run([*array_run["command"][:array_run["command"].index("--slurm")], "--collect"], cwd=ROOT,
