@@ -209,6 +209,9 @@ def main(argv=None) -> int:
     args, fixed = parse_args(own)
     if args.jobs < 1 or args.threads < 1 or (args.max_running is not None and args.max_running < 1):
         raise CatchupError("--jobs, --threads and --max-running must be >= 1")
+    if sbatch_options is not None and args.evaluate and not args.collect:
+        raise CatchupError("--evaluate runs evaluate.py where the sweep runs, not in the array: once the array has "
+                           "finished, run the same command without --slurm and with --evaluate")
     if "--output" in fixed or any(a.startswith("--output=") for a in fixed):
         raise CatchupError("--output is the sweep folder; each run's output is set by the sweep")
     args.name = args.name or args.output.absolute().name

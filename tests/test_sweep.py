@@ -62,6 +62,12 @@ def test_unknown_recipe_keys_are_refused_before_anything_runs(tmp_path):
     for grid, shown in ((["seed=0,00"], "'0' and '00'"), (["mix=none", "lr=0.1,1e-1"], "'0.1' and '1e-1'")):
         with pytest.raises(CatchupError, match=f"{shown} are the same value"):
             main(["--config", "configs/quickstart.yaml", "--grid", *grid, "--output", str(tmp_path / "s")])
+    with pytest.raises(CatchupError, match="not in the array"):
+        main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
+              "--evaluate", "--slurm", "--time", "1:00:00"])
+    with pytest.raises(CatchupError, match="--array=0-3 is set by the sweep"):
+        main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
+              "--slurm", "--array=0-3"])
     with pytest.raises(CatchupError, match="either as --config or as the grid key config"):
         main(["--config", "configs/quickstart.yaml", "--grid", "config=configs/quickstart.yaml", "--output",
               str(tmp_path / "s")])
