@@ -128,6 +128,8 @@ def code_versions(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 def code_note(rows: list[dict[str, Any]]) -> str:
     """The table's line on which code made its runs; a warning when that is more than one version."""
     versions = code_versions(rows)
+    if list(versions) == ["unknown"]:
+        return f"None of the {len(rows)} runs records its code (they are older than run provenance)."
     if len(versions) == 1:
         return f"All {len(rows)} runs were made by code {next(iter(versions))}."
     listing = "; ".join(f"{v} ({len(runs)} run{'s' * (len(runs) > 1)}: {', '.join(runs[:4])}"

@@ -234,3 +234,10 @@ def test_table_names_the_code_of_its_runs_and_warns_when_they_differ(tmp_path, c
     assert f"{'b' * 40} (1 run: mix=cutmix_seed=0)" in note and "unknown (1 run: mix=cutmix_seed=1)" in note
     assert f"{'a' * 40} (2 runs: mix=none_seed=0, mix=none_seed=1)" in note and "+dirty (1 run" in note
     assert capsys.readouterr().err.startswith("WARNING: this table mixes runs of 4 code versions")
+
+    for run in (out / "runs").iterdir():     # runs older than provenance only
+        _finished_run(run.with_name(run.name + "-old"), 50.0, None)
+        shutil.rmtree(run)
+        run.with_name(run.name + "-old").rename(run)
+    assert main(args) == 0
+    assert "None of the 4 runs records its code" in (out / "table.md").read_text()
