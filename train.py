@@ -53,10 +53,11 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     from accelerate.utils import set_seed
     from timm.utils import ModelEmaV3
 
+    from catchup import provenance
     from catchup.analysis import FilterNormTracker
     from catchup.config import config_to_dict, dump_config
     from catchup.compile import compile_backend, compile_model
-    from catchup.engine import StepOptions, TrainProgress, evaluate, summarize_top1, train_one_epoch
+    from catchup.engine import StepOptions, TrainProgress, eval_due, evaluate, summarize_top1, train_one_epoch
     from catchup.export import log_model_artifact
     from catchup.recipe import (make_accelerator, make_criterion, make_datasets, make_loaders, make_mixer,
                                 make_optimizer, make_scheduler, per_device_batch, resolve_wandb_mode,
@@ -116,11 +117,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
             dump_config(cfg, output / "config.yaml")
             save_data_info(output, info, class_names(train_set))
 
+        started = provenance.collect(accelerator.device, accelerator.num_processes) if main_process else {}
+        if main_process:
+            provenance.record_attempt(output, started)
+
         # tracking
         if wandb_mode != "disabled":
             os.environ["WANDB_MODE"] = wandb_mode
             run_id = _wandb_run_id(output) if main_process else ""
-            accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+            accelerator.init_trackers(cfg.wandb_project, config={**config_to_dict(cfg), "provenance": started},
                                       init_kwargs={"wandb": wandb_init_kwargs(cfg, output, run_id)})
         accelerator.print(f"{cfg.model} on {cfg.dataset} with mix={cfg.mix}: "
                           f"{accelerator.num_processes} process(es), device {accelerator.device}, "
@@ -152,7 +157,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
                     checkpointer.save()
                     break
                 row = {"epoch": epoch, "step": progress.global_step, "lr": optimizer.param_groups[0]["lr"], **stats}
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                if eval_due(epoch, cfg.epochs, cfg.eval_every, cfg.eval_last):
                     # a failing evaluation (a damaged validation image) must not cost the epoch's training: a
                     # resume from here skips the epoch's batches and evaluates again
                     checkpointer.save()
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
             if ema is not None:
                 save_weights(ema.module, output / "model_ema.safetensors")
             results = {**summarize_top1(progress.history), "epochs_done": progress.epoch,
-                       "steps": progress.global_step}
+                       "steps": progress.global_step, "provenance": provenance.for_results(output, started)}
             (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             accelerator.print(f"done: {json.dumps(results)}; weights in {output / 'model.safetensors'}")
 

@@ -134,6 +134,8 @@ class TrainConfig:
     output: str = key("runs/default", "run folder: checkpoints, resolved config.yaml, logs", group=BOOK,
                       resumable=True)
     eval_every: int = key(1, "evaluate every this many epochs", at_least(1), group=BOOK, resumable=True)
+    eval_last: int = key(0, "also evaluate after each of the last this many epochs (median_last10_top1 uses "
+                         "them)", at_least(0), group=BOOK, resumable=True)
     checkpoint_every_steps: int = key(0, "extra mid-epoch checkpoints; 0 = only at epoch ends", at_least(0),
                                       group=BOOK, resumable=True)
     checkpoint_keep: int = key(2, "checkpoints kept on disk", at_least(1), group=BOOK, resumable=True)
@@ -145,6 +147,8 @@ class TrainConfig:
     wandb_entity: str | None = key(None, "W&B team or user; None = the default entity", group=BOOK, resumable=True)
     wandb_name: str | None = key(None, "W&B run name; None = generated", group=BOOK, resumable=True)
     wandb_tags: list[str] = key([], "W&B run tags", group=BOOK, resumable=True)
+    wandb_group: str | None = key(None, "W&B group; catchup.sweep sets it to the sweep's name", group=BOOK,
+                                  resumable=True)
     wandb_log_model: bool = key(False, "log the final weights as a W&B model artifact (config.json + "
                                 "model.safetensors)", group=BOOK, resumable=True)
     track_filters: bool = key(False, "log filter-influence statistics during training", group=BOOK)

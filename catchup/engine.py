@@ -197,12 +197,28 @@ def _with_bar(loader, accelerator: Accelerator):
     return tqdm(loader, desc="eval", disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
 
 
+def eval_due(epoch: int, epochs: int, every: int, last: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with an evaluation: every ``every`` epochs, each of the last ``last``
+    and always the final one."""
+    return (epoch + 1) % every == 0 or epoch + 1 > epochs - last or epoch + 1 == epochs
+
+
 def summarize_top1(history: list[dict]) -> dict[str, float]:
-    """Best, last and median-of-last-10 eval top-1: peers report each, so all three are written."""
-    values = [row["eval_top1"] for row in history if "eval_top1" in row and not math.isnan(row["eval_top1"])]
-    if not values:
+    """Best, last and median-of-last-10 eval top-1: peers report each, so all three are written.
+
+    Only evaluated epochs count: ``best_top1`` is the best evaluation, and the median is over the evaluations
+    within the last 10 epochs run (``median_last10_evals`` of them), so that a sparse schedule does not pass off
+    an evaluation from mid-run as one of the last 10 epochs.
+    """
+    rows = [row for row in history if "eval_top1" in row and not math.isnan(row["eval_top1"])]
+    if not rows:
         return {}
-    tail = sorted(values[-10:])
-    mid = len(tail) // 2
-    median = tail[mid] if len(tail) % 2 else (tail[mid - 1] + tail[mid]) / 2
-    return {"best_top1": max(values), "last_top1": values[-1], "median_last10_top1": median}
+    values = [row["eval_top1"] for row in rows]
+    final = history[-1]["epoch"]
+    tail = sorted(row["eval_top1"] for row in rows if row["epoch"] > final - 10)
+    out = {"best_top1": max(values), "last_top1": values[-1], "evaluations": len(values),
+           "median_last10_evals": len(tail)}
+    if tail:
+        mid = len(tail) // 2
+        out["median_last10_top1"] = tail[mid] if len(tail) % 2 else (tail[mid - 1] + tail[mid]) / 2
+    return out

@@ -1,7 +1,6 @@
 """From a recipe to the objects train.py wires together: accelerator, loaders, optimizer, scheduler, loss, mixer."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from catchup.config import TrainConfig
+from catchup.wandb_mode import resolve_wandb_mode  # noqa: F401  (re-exported)
 from catchup.errors import CatchupError
 from catchup.data import DataInfo, build_datasets
 from catchup.data.augment import Augment
@@ -147,19 +147,6 @@ def make_mixer(cfg: TrainConfig, model: nn.Module, info: DataInfo, process_index
     return build_mixer(cfg.mix, model, num_classes=cfg.num_classes or info.num_classes, **options)
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """auto -> online when W&B credentials are present, else offline (never blocks on a login prompt)."""
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    netrc = Path.home() / ".netrc"
-    if not has_key and netrc.exists():
-        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
-    return "online" if has_key else "offline"
-
-
 def wandb_init_kwargs(cfg: TrainConfig, output: Path, run_id: str) -> dict[str, Any]:
     return {"id": run_id, "resume": "allow", "name": cfg.wandb_name or output.name, "entity": cfg.wandb_entity,
-            "tags": list(cfg.wandb_tags), "dir": str(output)}
+            "tags": list(cfg.wandb_tags), "group": cfg.wandb_group, "dir": str(output)}

@@ -3,6 +3,7 @@
     python -m catchup.sweep --config configs/quickstart.yaml --grid mix=none,cutmix,catchup seed=0,1,2 \\
         --output sweeps/qs --jobs 2 --epochs 20 --wandb-mode disabled
     python -m catchup.sweep ... --collect           # the same command: only rebuild the table from the runs
+    python -m catchup.sweep ... --slurm --partition gpu --time 24:00:00   # one SLURM array task per grid point
 
 Every grid point is an ordinary run folder `<output>/runs/<key>=<value>_...` made by train.py, so it can be
 resumed, evaluated and loaded like any other run. Arguments the sweep does not know (`--epochs 20`) are recipe
@@ -14,101 +15,29 @@ and restarts one that stopped before its first. The table goes to `<output>/tabl
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import queue
-import re
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from catchup.cli import ArgumentParser, run_cli
 from catchup.config import load_config
 from catchup.errors import CatchupError
-from catchup.runs import latest_checkpoint
-from catchup.sweep_table import METRICS, TIME_FILE, collect_runs, write_tables
+from catchup.rundir import latest_checkpoint   # not catchup.runs, which loads torch and timm
+from catchup.sweep_grid import (Point, grid_points, parse_grid, point_overrides,  # noqa: F401 (re-exported)
+                                point_recipe, refuse_equal_points, run_name, split_values, train_args)
+from catchup.sweep_slurm import split_argv, submit
+from catchup.sweep_table import (METRICS, TIME_FILE, code_note, code_versions, collect_runs, log_wandb_table,
+                                 write_tables)
 
 SCRIPTS = Path(__file__).resolve().parents[1]   # train.py and evaluate.py
-
-
-@dataclass
-class Point:
-    """One grid point: its overrides in grid order and its run folder."""
-    values: dict[str, str]
-    run_dir: Path
-    name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.name = self.run_dir.name
-
-    def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.values.items())
-
-
-def split_values(text: str) -> list[str]:
-    """`a,b,[1,2]` -> ['a', 'b', '[1,2]']: commas inside brackets or braces belong to the value."""
-    values, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            values.append(current)
-            current = ""
-        else:
-            current += char
-    values.append(current)
-    if depth != 0 or any(not v.strip() for v in values):
-        raise CatchupError(f"cannot read the grid values {text!r}: expected a comma-separated list like a,b,c")
-    return [v.strip() for v in values]
-
-
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """['mix=none,cutmix', 'seed=0,1'] -> {'mix': ['none', 'cutmix'], 'seed': ['0', '1']}."""
-    grid: dict[str, list[str]] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise CatchupError(f"grid entries look like key=v1,v2,...; got {item!r}")
-        if key in grid:
-            raise CatchupError(f"grid key {key!r} is given twice")
-        values = split_values(text)
-        if len(set(values)) != len(values):
-            raise CatchupError(f"grid key {key!r} repeats a value: {text}")
-        grid[key] = values
-    return grid
-
-
-def run_name(values: dict[str, str]) -> str:
-    """Folder name of a grid point: `mix=none_seed=0`; characters a path should not hold become '-'."""
-    return "_".join(f"{k}={re.sub(r'[^A-Za-z0-9.+=-]', '-', v)}" for k, v in values.items())
-
-
-def grid_points(grid: dict[str, list[str]], runs_dir: Path, seed_key: str = "seed") -> list[Point]:
-    """Every combination, seed by seed (the seed key outermost), then in the grid's own order."""
-    keys = list(grid)
-    outer = [seed_key] if seed_key in grid else []
-    inner = [k for k in keys if k not in outer]
-    points = []
-    for combo in itertools.product(*(grid[k] for k in outer + inner)):
-        chosen = dict(zip(outer + inner, combo))
-        values = {k: chosen[k] for k in keys}
-        points.append(Point(values, runs_dir / run_name(values)))
-    names = [p.name for p in points]
-    if len(set(names)) != len(names):
-        raise CatchupError("two grid points map to the same run folder name; make the values differ in letters "
-                           "or digits, not only in punctuation")
-    return points
-
-
-def point_overrides(point: Point) -> list[str]:
-    return [arg for k, v in point.values.items() for arg in (f"--{k}", v)]
 
 
 def state_of(run_dir: Path) -> str:
@@ -140,8 +69,7 @@ class Sweep:
             self.devices.put(args.gpus[slot % len(args.gpus)])
 
     def train_command(self, point: Point, state: str) -> list[str]:
-        cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(self.args.config),
-               *point_overrides(point), *self.fixed, "--output", str(point.run_dir)]
+        cmd = [sys.executable, str(SCRIPTS / "train.py"), *train_args(self.args, self.fixed, point)]
         return cmd + {"resume": ["--resume"], "restart": ["--overwrite"], "new": []}[state]
 
     def eval_command(self, point: Point) -> list[str]:
@@ -189,12 +117,13 @@ class Sweep:
         return point, ("skipped" if state == "done" else state), ""
 
     def stop(self) -> None:
-        """Ctrl-C or SIGTERM: interrupt the children (train.py keeps its last complete checkpoint)."""
+        """Ctrl-C or SIGTERM: stop the children with SIGTERM, on which train.py writes a checkpoint and exits.
+        Not SIGINT: children of a sweep started in the background (`&`, nohup) ignore it."""
         with self.lock:
             self.stopping = True
             for proc in self.children:
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM)
 
     def run(self) -> list[tuple[Point, str, str]]:
         done: list[tuple[Point, str, str]] = []
@@ -243,7 +172,8 @@ def _add_time(run_dir: Path, wall: float, cpu: float) -> None:
 def parse_args(argv):
     p = ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
                        allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for every run.")
-    p.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML shared by every run")
+    p.add_argument("-c", "--config", type=Path,
+                   help="recipe YAML shared by every run (or a grid over recipes: --grid config=a.yaml,b.yaml)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="recipe keys and their values; one run per combination")
     p.add_argument("--output", required=True, type=Path, help="sweep folder: runs/, logs/, table.*")
@@ -260,38 +190,86 @@ def parse_args(argv):
     p.add_argument("--baseline", default=None, metavar="KEY=VALUE",
                    help="add each point's last top-1 minus this grid point's, seed by seed (e.g. mix=none)")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild the table from the run folders")
+    p.add_argument("--name", default=None,
+                   help="the sweep's name: every run's W&B group and the SLURM job name (default: --output's name)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each run's command (with --slurm: the sbatch command, its script and each array "
+                        "task's command) and change nothing")
+    p.add_argument("--max-running", type=int, default=None, metavar="N",
+                   help="with --slurm: at most N array tasks at a time (sbatch --array=...%%N)")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the runs without results.json as one SLURM job array, one task per grid point; "
+                        "everything after --slurm is passed to sbatch (e.g. --slurm --partition gpu --nodes 2)")
     return p.parse_known_args(argv)
 
 
 def main(argv=None) -> int:
-    args, fixed = parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        raise CatchupError("--jobs and --threads must be >= 1")
+    own, sbatch_options = split_argv(sys.argv[1:] if argv is None else argv)
+    args, fixed = parse_args(own)
+    if args.jobs < 1 or args.threads < 1 or (args.max_running is not None and args.max_running < 1):
+        raise CatchupError("--jobs, --threads and --max-running must be >= 1")
+    if sbatch_options is not None and args.evaluate and not args.collect:
+        raise CatchupError("--evaluate runs evaluate.py where the sweep runs, not in the array: once the array has "
+                           "finished, run the same command without --slurm and with --evaluate")
     if "--output" in fixed or any(a.startswith("--output=") for a in fixed):
         raise CatchupError("--output is the sweep folder; each run's output is set by the sweep")
+    args.name = args.name or args.output.absolute().name
     grid = parse_grid(args.grid)
     baseline = _baseline(args.baseline, grid, args.seed_key)
     points = grid_points(grid, args.output / "runs", args.seed_key)
-    for point in points:   # every recipe is checked before anything starts
-        load_config(args.config, [*point_overrides(point), *fixed])
+    # every recipe is checked before anything starts
+    if (args.config is None) == ("config" not in grid):
+        raise CatchupError("give the recipe either as --config or as the grid key config=a.yaml,b.yaml, not both")
+    configs = [load_config(point_recipe(args, p), [*point_overrides(p), *fixed]) for p in points]
+    refuse_equal_points(points, configs, grid)
+    for point, cfg in zip(points, configs):
+        point.wandb = cfg.wandb_mode != "disabled"
+    if args.dry_run:
+        _dry_run(args, fixed, points, sbatch_options)
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     failed = []
     if not args.collect:
         (args.output / "sweep.json").write_text(json.dumps(
             {"command": ["python", "-m", "catchup.sweep", *(argv if argv is not None else sys.argv[1:])],
-             "config": str(args.config), "grid": grid, "overrides": fixed}, indent=2) + "\n")
-        todo = sum(state_of(p.run_dir) != "done" for p in points)
-        print(f"sweep: {len(points)} runs ({todo} to train), {args.jobs} at a time, "
-              f"{max(1, args.threads // args.jobs)} thread(s) each, in {args.output}", flush=True)
-        sweep = Sweep(args, fixed, points)
-        signal.signal(signal.SIGTERM, _interrupt)
-        failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
-    rows = collect_runs(points, [k for k in grid if k != args.seed_key], args.seed_key)
-    paths = write_tables(rows, args.output, [k for k in grid if k != args.seed_key], args.seed_key, baseline)
+             "config": None if args.config is None else str(args.config), "grid": grid, "overrides": fixed,
+             "name": args.name}, indent=2) + "\n")
+        todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
+        if sbatch_options is not None:
+            submit(args.output, args.name, [p.label() for p in points],
+                   [train_args(args, fixed, p) for p in points], todo, sbatch_options, args.max_running, False)
+        else:
+            print(f"sweep: {len(points)} runs ({len(todo)} to train), {args.jobs} at a time, "
+                  f"{max(1, args.threads // args.jobs)} thread(s) each, in {args.output}", flush=True)
+            sweep = Sweep(args, fixed, points)
+            signal.signal(signal.SIGTERM, _interrupt)
+            failed = [(p, d) for p, what, d in sweep.run() if what == "failed"]
+    group_keys = [k for k in grid if k != args.seed_key]
+    rows = collect_runs(points, group_keys, args.seed_key)
+    paths = write_tables(rows, args.output, group_keys, args.seed_key, baseline)
     print(f"table of {len(rows)} finished runs: {', '.join(str(p) for p in paths)}")
+    if len(code_versions(rows)) > 1:
+        print(code_note(rows), file=sys.stderr)
+    modes = [c.wandb_mode for c in configs if c.wandb_mode != "disabled"]
+    if rows and modes and sbatch_options is None:    # not at a submission: the array's runs have yet to finish
+        log_wandb_table(rows, args.output, group_keys, args.seed_key, baseline, name=args.name, mode=modes[0],
+                        project=configs[0].wandb_project, entity=configs[0].wandb_entity)
     for point, detail in failed:
         print(f"failed: {point.label()} ({detail})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _dry_run(args: argparse.Namespace, fixed: list[str], points: list[Point], sbatch_options) -> None:
+    """Print what would run, change nothing."""
+    todo = [i for i, p in enumerate(points) if state_of(p.run_dir) != "done"]
+    if sbatch_options is not None:
+        submit(args.output, args.name, [p.label() for p in points], [train_args(args, fixed, p) for p in points],
+               todo, sbatch_options, args.max_running, True)
+        return
+    sweep = Sweep(args, fixed, points)
+    for point in points:
+        state = state_of(point.run_dir)
+        print(f"{point.label()}: " + ("done" if state == "done" else shlex.join(sweep.train_command(point, state))))
 
 
 def _baseline(text: str | None, grid: dict[str, list[str]], seed_key: str) -> tuple[str, str] | None:

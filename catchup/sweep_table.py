@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import statistics
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +58,7 @@ def collect_runs(points: Sequence, group_keys: Sequence[str], seed_key: str) -> 
         row: dict[str, Any] = {"run": point.name, **{k: point.values[k] for k in group_keys},
                                seed_key: point.values.get(seed_key, "")}
         row.update({short: results.get(key) for key, short in METRICS.items()})
+        row["code"] = " ".join(results.get("provenance", {}).get("code", ["unknown"]))
         row["train_min"] = _train_minutes(point.run_dir)
         timing = point.run_dir / TIME_FILE
         row["cpu_min"] = json.loads(timing.read_text())["cpu_s"] / 60 if timing.exists() else None
@@ -93,7 +95,7 @@ def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: s
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
-    columns = _number_columns(rows, {"run", seed_key, *group_keys})
+    columns = _number_columns(rows, {"run", "code", seed_key, *group_keys})
     paired = paired_differences(rows, group_keys, seed_key, baseline) if baseline else {}
     table = []
     for key, members in groups.items():
@@ -111,6 +113,30 @@ def aggregate(rows: list[dict[str, Any]], group_keys: Sequence[str], seed_key: s
             out["paired_wins"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs else ""
         table.append(out)
     return table
+
+
+def code_versions(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each code version (commit, `+dirty`, or `unknown` for runs older than provenance) -> the runs made by it.
+    A run resumed under other code counts under each of its versions."""
+    versions: dict[str, list[str]] = {}
+    for row in rows:
+        for version in str(row.get("code", "unknown")).split():
+            versions.setdefault(version, []).append(row["run"])
+    return versions
+
+
+def code_note(rows: list[dict[str, Any]]) -> str:
+    """The table's line on which code made its runs; a warning when that is more than one version."""
+    versions = code_versions(rows)
+    if list(versions) == ["unknown"]:
+        return f"None of the {len(rows)} runs records its code (they are older than run provenance)."
+    if len(versions) == 1:
+        return f"All {len(rows)} runs were made by code {next(iter(versions))}."
+    listing = "; ".join(f"{v} ({len(runs)} run{'s' * (len(runs) > 1)}: {', '.join(runs[:4])}"
+                        f"{', ...' if len(runs) > 4 else ''})" for v, runs in versions.items())
+    return (f"WARNING: this table mixes runs of {len(versions)} code versions, so its differences may come from "
+            f"the code rather than the grid: {listing}. Rerun the runs of the other versions (--overwrite "
+            f"them, or a new --output) for a table of one code version.")
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -217,7 +243,8 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence
     paths = [out_dir / "runs.csv", out_dir / "table.csv", out_dir / "table.md"]
     _write_csv(paths[0], rows)
     _write_csv(paths[1], table)
-    paths[2].write_text(markdown(table, group_keys, baseline))
+    note = f"\n{code_note(rows)}\n" if rows else ""
+    paths[2].write_text(markdown(table, group_keys, baseline) + note)
     if any(r.get(f"{c}_mean") is not None for r in table for c in METRICS.values()):
         paths.append(plot(table, group_keys, out_dir / "table.png"))
     else:
@@ -228,3 +255,36 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence
     else:
         (out_dir / "table_paired.png").unlink(missing_ok=True)
     return paths
+
+
+def log_wandb_table(rows: list[dict[str, Any]], out_dir: Path, group_keys: Sequence[str], seed_key: str,
+                    baseline: tuple[str, str] | None, *, name: str, mode: str, project: str,
+                    entity: str | None) -> None:
+    """The table (mean ± std per grid point) and its runs as W&B Tables, in a run of the sweep's W&B group; the
+    run's id is kept in the sweep folder, so rebuilding the table adds a version to the same W&B run."""
+    from catchup.wandb_mode import resolve_wandb_mode
+    mode = resolve_wandb_mode(mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    id_file = out_dir / "wandb_table_run_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else f"sweep-{uuid.uuid4().hex[:12]}"
+    id_file.write_text(run_id + "\n")
+    table = aggregate(rows, group_keys, seed_key, baseline)
+    run = wandb.init(project=project, entity=entity, group=name, name=f"{name} (table)", job_type="sweep-table",
+                     id=run_id, resume="allow", dir=str(out_dir), mode=mode,
+                     config={"grid_keys": list(group_keys), "seed_key": seed_key, "code": code_note(rows)})
+    try:
+        run.log({"sweep/table": _wandb_table(table), "sweep/runs": _wandb_table(rows)})
+    finally:
+        run.finish()
+
+
+def _wandb_table(rows: list[dict[str, Any]]):
+    import wandb
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    # one type per column: numbers stay numbers, anything else (grid values, seeds, code) is text
+    numeric = {c for c in columns if all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)}
+    data = [[r.get(c) if c in numeric or r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    return wandb.Table(columns=columns, data=data)

@@ -264,7 +264,7 @@ def test_validate_catches_wrong_types_in_code():
     {"batch_size": 10, "grad_accum_steps": 4}, {"cutmix_minmax": [0.8, 0.2]}, {"cutmix_minmax": [0.1]},
     {"mix_layer_weights": [1.0], "mix_layers": [0, 1]}, {"mix_layer_weights": [0.0, 0.0]},
     {"mix_layers": []}, {"mix_layers": [-1]}, {"drop_path": 1.0}, {"num_classes": 0}, {"clip_grad": 0},
-    {"max_steps": -1}, {"weight_decay": -1e-4}, {"warmup_epochs": -1},
+    {"max_steps": -1}, {"weight_decay": -1e-4}, {"warmup_epochs": -1}, {"eval_last": -1},
     {"bce_target_thresh": 0.2}, {"bce_target_thresh": 1.0, "bce_loss": True},
     {"momentum": 1.0}, {"momentum": 5}, {"seed": -1}, {"seed": 2**40}, {"decay_milestones": [], "sched": "step"},
     {"hflip": 1.5}, {"remode": "noise"}, {"scale": [0.9, 0.1]}, {"train_interpolation": "cubic"}, {"crop_pct": 0.0},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from catchup.errors import CatchupError
-from catchup.sweep import Sweep, grid_points, main, parse_grid, run_name, split_values
+from catchup.sweep import Sweep, grid_points, main, parse_grid, run_name, split_values, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-kwargs", "{width: 4}", "--batch-size", "32", "--epochs", "3", "--train-fraction", "0.25",
@@ -30,6 +30,9 @@ def test_grid_values_keep_brackets_together():
     for bad in (["mix"], ["mix=none,,cutmix"], ["mix=[a,b"], ["mix=a", "mix=b"], ["seed=1,1"]):
         with pytest.raises(CatchupError):
             parse_grid(bad)
+    for owned in ("output", "experiment", "wandb-group"):     # set by the sweep for every run
+        with pytest.raises(CatchupError, match="set by the sweep|W&B group of the sweep"):
+            parse_grid([f"{owned}=a,b"])
 
 
 def test_points_go_seed_by_seed_with_readable_folder_names(tmp_path):
@@ -37,6 +40,14 @@ def test_points_go_seed_by_seed_with_readable_folder_names(tmp_path):
     assert [p.name for p in points] == ["mix=none_seed=0_lr=0.1", "mix=cutmix_seed=0_lr=0.1",
                                         "mix=none_seed=1_lr=0.1", "mix=cutmix_seed=1_lr=0.1"]
     assert run_name({"mix_layers": "[0, 2]"}) == "mix_layers=-0--2-"
+    # a grid over recipes: each point trains its own, its folder named by the file
+    recipes = "configs/cifar100/preactresnet18_none.yaml,configs/cifar100/preactresnet18_cutmix.yaml"
+    point = grid_points(parse_grid([f"config={recipes}", "seed=0"]), tmp_path)[1]
+    assert point.name == "config=preactresnet18-cutmix_seed=0"
+    args = argparse.Namespace(config=None, name="t1")
+    assert train_args(args, ["--epochs", "2"], point) == [
+        "--config", "configs/cifar100/preactresnet18_cutmix.yaml", "--seed", "0", "--epochs", "2",
+        "--wandb-group", "t1", "--output", str(tmp_path / point.name)]
     with pytest.raises(CatchupError, match="same run folder"):
         grid_points(parse_grid(["mix_layers=[0 2],[0/2]"]), tmp_path)
 
@@ -47,6 +58,19 @@ def test_unknown_recipe_keys_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(CatchupError, match="lrr"):
         main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
               "--lrr", "0.1"])
+    # values that differ as text but not as recipe values would be one run counted twice
+    for grid, shown in ((["seed=0,00"], "'0' and '00'"), (["mix=none", "lr=0.1,1e-1"], "'0.1' and '1e-1'")):
+        with pytest.raises(CatchupError, match=f"{shown} are the same value"):
+            main(["--config", "configs/quickstart.yaml", "--grid", *grid, "--output", str(tmp_path / "s")])
+    with pytest.raises(CatchupError, match="not in the array"):
+        main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
+              "--evaluate", "--slurm", "--time", "1:00:00"])
+    with pytest.raises(CatchupError, match="--array=0-3 is set by the sweep"):
+        main(["--config", "configs/quickstart.yaml", "--grid", "seed=0", "--output", str(tmp_path / "s"),
+              "--slurm", "--array=0-3"])
+    with pytest.raises(CatchupError, match="either as --config or as the grid key config"):
+        main(["--config", "configs/quickstart.yaml", "--grid", "config=configs/quickstart.yaml", "--output",
+              str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
 
 
@@ -82,8 +106,10 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     first, second, third, fourth = (runs / n for n in ("mix=none_seed=0", "mix=cutmix_seed=0", "mix=none_seed=1",
                                                        "mix=cutmix_seed=1"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # started as a shell starts `sweep &`: SIGINT ignored, which its children inherit, so only SIGTERM stops them
     proc = subprocess.Popen(_sweep_command(out, jobs=1), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     # interrupt while the second run is between its first checkpoint and its end
     _wait_for(lambda: (first / "results.json").exists() and (second / "checkpoints" / "latest").exists(), proc)
     proc.send_signal(signal.SIGTERM)
@@ -173,3 +199,45 @@ def test_evaluate_adds_the_reports_numbers_to_the_table(tmp_path):
     assert float(row["ece_mean"]) == pytest.approx(report["clean"]["ece"], abs=1e-9)
     assert float(row["fgsm_err_4/255_mean"]) == pytest.approx(report["fgsm"]["4/255"]["error"], abs=1e-9)
     assert "fgsm_err_4/255" in (out / "table.md").read_text()
+
+
+def _finished_run(folder: Path, last: float, code: list[str] | None) -> None:
+    folder.mkdir(parents=True)
+    results = {"best_top1": last, "last_top1": last, "median_last10_top1": last}
+    if code is not None:
+        results["provenance"] = {"git_commit": code[0].split("+")[0], "code": code}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_table_names_the_code_of_its_runs_and_warns_when_they_differ(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["--config", "configs/quickstart.yaml", "--grid", "mix=none,cutmix", "seed=0,1", "--output", str(out),
+            "--collect", "--wandb-mode", "disabled"]
+    for mix in ("none", "cutmix"):
+        for seed in (0, 1):
+            _finished_run(out / "runs" / f"mix={mix}_seed={seed}", 50.0 + seed, ["a" * 40])
+    assert main(args) == 0
+    assert f"All 4 runs were made by code {'a' * 40}." in (out / "table.md").read_text()
+    assert "warning" not in capsys.readouterr().err
+    with (out / "runs.csv").open() as f:
+        assert {row["code"] for row in csv.DictReader(f)} == {"a" * 40}
+
+    # one run from other code, one resumed from a dirty tree, one older than provenance
+    shutil.rmtree(out / "runs")
+    _finished_run(out / "runs" / "mix=none_seed=0", 50.0, ["a" * 40])
+    _finished_run(out / "runs" / "mix=cutmix_seed=0", 51.0, ["b" * 40])
+    _finished_run(out / "runs" / "mix=none_seed=1", 52.0, ["a" * 40, "a" * 40 + "+dirty"])
+    _finished_run(out / "runs" / "mix=cutmix_seed=1", 53.0, None)
+    assert main(args) == 0
+    note = (out / "table.md").read_text().splitlines()[-1]
+    assert note.startswith("WARNING: this table mixes runs of 4 code versions")
+    assert f"{'b' * 40} (1 run: mix=cutmix_seed=0)" in note and "unknown (1 run: mix=cutmix_seed=1)" in note
+    assert f"{'a' * 40} (2 runs: mix=none_seed=0, mix=none_seed=1)" in note and "+dirty (1 run" in note
+    assert capsys.readouterr().err.startswith("WARNING: this table mixes runs of 4 code versions")
+
+    for run in (out / "runs").iterdir():     # runs older than provenance only
+        _finished_run(run.with_name(run.name + "-old"), 50.0, None)
+        shutil.rmtree(run)
+        run.with_name(run.name + "-old").rename(run)
+    assert main(args) == 0
+    assert "None of the 4 runs records its code" in (out / "table.md").read_text()
