@@ -7,6 +7,10 @@ import torch
 # No test needs the W&B service: runs that log do so to offline files (also in the processes tests start)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist runs a worker per core: a second intra-op thread per worker (or per process a test starts) only
+# oversubscribes the cores, and OpenMP threads spinning for a busy core slowed single tests 30-fold
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="module")

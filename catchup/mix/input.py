@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from catchup.mix.mixer import Mixer, cutmix, mixup, rand_box
+from catchup.mix.mixer import Mixer
+from catchup.mix.ops import cutmix, mixup, rand_box
 from catchup.mix.plan import MixPlan
 
 __all__ = ["InputMixup", "CutMix", "cutmix", "mixup", "rand_box"]

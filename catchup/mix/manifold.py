@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from catchup.mix.mixer import Mixer, mixup
+from catchup.mix.mixer import Mixer
+from catchup.mix.ops import mixup
 from catchup.mix.plan import MixPlan
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from catchup.mix.mixer import Mixer, _check, rand_box
+from catchup.mix.mixer import Mixer, _check
+from catchup.mix.ops import rand_box
 from catchup.mix.plan import MixPlan
 from catchup.stages import unwrap_model
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from catchup.errors import CatchupError
-from catchup.mix.mixer import Mixer, rand_box
+from catchup.mix.mixer import Mixer
+from catchup.mix.ops import rand_box
 from catchup.mix.plan import MixPlan
 from catchup.stages import unwrap_model
 
