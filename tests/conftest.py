@@ -21,3 +21,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests first: started last, one of them would run alone on the last busy core."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from catchup.runs import latest_checkpoint, load_run
@@ -34,6 +35,7 @@ def torchrun_train(output: Path, *extra: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_and_resume_across_process_counts(tmp_path):
     out = tmp_path / "ddp"
     log = torchrun_train(out, "--epochs", "1")
@@ -77,6 +79,7 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(tmp_path):
     """A scheduler may signal one node before the other: the processes agree at the next log step."""
     out = tmp_path / "stopped"

@@ -366,6 +366,7 @@ def _two_process_main(argv: list[str]) -> None:
     script.main(argv)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_numbers(run_dir, cifar_run, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_cifar_c(tmp_path / "c", n=7)  # 7 images a slice: the slices straddle the batches of 4 per process

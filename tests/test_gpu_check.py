@@ -3,11 +3,13 @@ import json
 import math
 import re
 
+import pytest
 import torch
 
 from tests.test_benchmarks import load
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_tiny_on_cpu_and_writes_json_and_markdown(tmp_path):
     gpu_check = load("gpu_check")
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from accelerate.commands.launch import launch_command_parser
 
 from catchup.runs import latest_checkpoint
@@ -22,6 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_checkpoint_and_resume_on_one_process(tmp_path):
     out, port = tmp_path / "two_nodes", free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",

@@ -85,6 +85,7 @@ def test_graph_cut_methods_without_gco_say_how_to_install_it(monkeypatch, method
     assert "\n" not in str(err.value) and "gco-wrapper" in str(err.value) and "pip install" in str(err.value)
 
 
+@pytest.mark.slow
 def test_wheel_installs_commands_that_work_from_another_folder(tmp_path):
     """The slowest test of the file (a wheel build and four fresh interpreters): the package as a user installs
     it, into a throwaway environment that reuses this one's packages and downloads nothing."""

@@ -100,6 +100,7 @@ def _wait_for(condition, proc, timeout=300.0):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     out = tmp_path / "sweep"
     runs = out / "runs"
@@ -185,6 +186,7 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tmp_path):
     assert refused.returncode == 2 and "--baseline mix=mixup: name a grid key" in refused.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_adds_the_reports_numbers_to_the_table(tmp_path):
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "catchup.sweep", "--config", "configs/quickstart.yaml", "--grid", "seed=0",

@@ -152,6 +152,7 @@ def array_run(tmp_path_factory):
     return {"env": env, "out": out, "command": command, "output": output, "state": Path(env["FAKE_SLURM_DIR"])}
 
 
+@pytest.mark.slow
 def test_array_runs_every_point_and_the_preempted_task_resumes_to_the_same_weights(array_run):
     out, state = array_run["out"], array_run["state"]
     (call,) = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
@@ -193,6 +194,7 @@ def test_runs_carry_the_sweeps_wandb_group_grid_values_and_provenance(array_run)
     assert len((runs / "mix=cutmix_wandb_mode=disabled" / "provenance.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_rerun_submits_only_unfinished_points_and_collect_logs_the_wandb_table(array_run):
     out, env, state = array_run["out"], {**array_run["env"], "FAKE_SLURM_NO_RUN": "1"}, array_run["state"]
     again = subprocess.run(array_run["command"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

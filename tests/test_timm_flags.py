@@ -275,6 +275,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_timm_processes_draw_different_plans(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(TWO_RANKS)

@@ -125,6 +125,7 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
     assert list(run.tags) == ["test", "digits"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     for args, message in [
