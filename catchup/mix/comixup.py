@@ -30,6 +30,7 @@ sweep (the paper's Table 1 reports 8.6x the time of plain training).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -225,7 +226,7 @@ class CoMixup(Mixer):
         block_num = self.block_num if self.block_num > 0 else int(2 ** self.rng.integers(1, 5))
         return MixPlan(0, 1.0, index, 1.0, {"block_num": block_num})
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         block_num = plan.extras["block_num"]
         if x.shape[-1] != x.shape[-2] or x.shape[-1] % block_num:
             raise CatchupError(f"comixup needs square images with a side divisible by block_num {block_num}, "
@@ -234,10 +235,10 @@ class CoMixup(Mixer):
         with torch.no_grad():
             x, mask = comixup(x, saliency, self.rng, block_num, self.part_size, self.omega, **self.options)
         weights = mask.float().mean((1, 2))                  # [B_out, B_in] area shares
-        top, plan.index = weights.max(1)
-        plan.extras["mask"], plan.label_matrix = mask, weights
-        plan.lam = plan.lam_eff = float(top.mean())
-        return x
+        top, index = weights.max(1)
+        share = float(top.mean())
+        return x, replace(plan, index=index, lam=share, lam_eff=share, label_matrix=weights,
+                          extras={**plan.extras, "mask": mask})
 
     def auxiliary_loss(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The clean-input term 2 * clean_lam * CE of this step's saliency pass (None without one)."""

@@ -6,6 +6,8 @@ are each other's partner (and, under CutMix, swap the same box).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -54,7 +56,7 @@ class _InputLevel(Mixer):
         extras = {"lams": torch.from_numpy(lam), "use_cutmix": torch.from_numpy(use_cutmix), "boxes": boxes}
         return MixPlan(0, float(lam.mean()), index, float(lam.mean()), extras)
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         if self.mode == "batch":
             return super().mix_input(x, target, plan)
         lam = plan.extras["lams"].to(x.device, torch.float32)
@@ -68,8 +70,7 @@ class _InputLevel(Mixer):
                 out[i, ..., y0:y1, x0:x1] = x[int(plan.index[i]), ..., y0:y1, x0:x1]
                 if self.correct_lam or self.cutmix_minmax is not None:
                     own[i] = 1.0 - (y1 - y0) * (x1 - x0) / area
-        plan.own_weight, plan.lam_eff = own, float(own.mean())
-        return out
+        return out, replace(plan, own_weight=own, lam_eff=float(own.mean()))
 
 
 class InputMixup(_InputLevel):

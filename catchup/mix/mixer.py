@@ -12,6 +12,7 @@ the plan by ``plan.soft_target``) are shared.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -155,9 +156,9 @@ class Mixer:
         self.batch_number = self._next_batch_number()
         self.rng = np.random.default_rng([self.seed, self.batch_number])
         plan = self.sample_plan(x) if self.mixup_enabled else None
-        self.last_plan = plan   # for statistics (layer, label weight) in the training loop
         if plan is not None and plan.layer == 0:
-            x = self._mix_input_as(x, target, plan)
+            x, plan = self._mix_input_as(x, target, plan)
+        self.last_plan = plan   # for statistics (layer, label weight) in the training loop
         soft = soft_target(plan, target, self.num_classes, self.label_smoothing)
         self.observe(x, soft, plan)
         return x, soft, plan
@@ -276,14 +277,14 @@ class Mixer:
         lam = float(self.rng.beta(alpha, alpha))
         return MixPlan(0, lam, index, lam, {"input_mix": kind})
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         """Layer 0: CutMix (lambda corrected to the box area when ``correct_lam``) or input Mixup."""
         if plan.extras.get("input_mix", self.input_mix) == "mixup":
-            return mixup(x, plan.index, plan.lam)
+            return mixup(x, plan.index, plan.lam), plan
         box = rand_box(self.rng, x.shape[-2], x.shape[-1], plan.lam, self.cutmix_minmax)
         if self.correct_lam or self.cutmix_minmax is not None:
-            plan.lam_eff = 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / float(x.shape[-2] * x.shape[-1])
-        return cutmix(x, plan.index, box)
+            plan = replace(plan, lam_eff=1.0 - (box[1] - box[0]) * (box[3] - box[2]) / float(x.shape[-2] * x.shape[-1]))
+        return cutmix(x, plan.index, box), plan
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         """The plan for a feature layer: lambda ~ Beta(alpha, alpha), label weight lambda."""
@@ -298,13 +299,14 @@ class Mixer:
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _mix_input_as(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def _mix_input_as(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         """``mix_input`` in float for integer images (timm's uint8 prefetcher batches), rounded back as timm's
         FastCollateMixup does: every input mix commutes with the per-channel normalisation applied later."""
         if x.is_floating_point():
             return self.mix_input(x, target, plan)
         info = torch.iinfo(x.dtype)
-        return self.mix_input(x.float(), target, plan).round_().clamp_(info.min, info.max).to(x.dtype)
+        mixed, plan = self.mix_input(x.float(), target, plan)
+        return mixed.round_().clamp_(info.min, info.max).to(x.dtype), plan
 
     def _next_batch_number(self) -> int:
         """The batch's number in the run. In the main process, the call count. A DataLoader worker's copy of the

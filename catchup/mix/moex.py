@@ -46,8 +46,8 @@ class MoEx(Mixer):
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         return MixPlan(stage.layer, self.lam, index, self.lam)
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-        return moex(x, plan.index, self.eps)
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
+        return moex(x, plan.index, self.eps), plan
 
     def mix_features(self, h: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         return moex(h, plan.index.to(h.device, non_blocking=True), self.eps)

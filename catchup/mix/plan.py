@@ -20,9 +20,10 @@ from catchup.stages import (MIX_LAYERS_FIX, Stage, memory_format_of, model_label
                             unwrap_model)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MixPlan:
-    """What one batch's mixing does, and everything its soft target needs (see ``soft_target``).
+    """What one batch's mixing does, and everything its soft target needs (see ``soft_target``). Immutable: a
+    method's ``mix_input`` returns a new plan with what mixing the images decided (``dataclasses.replace``).
 
     The label of sample i is ``own_weight[i] * y_i + partner_weight[i] * y_index[i]``; the weights default to
     ``lam_eff`` and ``1 - lam_eff`` for the whole batch. ``partner_target`` replaces the partner's one-hot rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import replace
 from math import comb
 from typing import Any, Sequence
 
@@ -228,7 +229,7 @@ class PuzzleMix(Mixer):
         lam = float(self.rng.beta(self.alpha, self.alpha))
         return MixPlan(0, lam, index, lam, {"block_num": block_num})
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         if x.shape[-1] != x.shape[-2]:
             raise CatchupError(f"puzzlemix needs square images, got {tuple(x.shape[-2:])}")
         saliency = input_saliency(self.model, x, target)
@@ -237,5 +238,4 @@ class PuzzleMix(Mixer):
         with torch.no_grad():
             x, own = puzzlemix(x, saliency, plan.index, plan.lam, plan.extras["block_num"], self.transport,
                                self.t_size, self.t_eps, fill=fill, **self.mask_kwargs)
-        plan.own_weight, plan.lam_eff = own, float(own.mean())
-        return x
+        return x, replace(plan, own_weight=own, lam_eff=float(own.mean()))

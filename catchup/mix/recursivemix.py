@@ -20,6 +20,7 @@ grows (after a short last batch), history rows are reused cyclically.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -132,15 +133,15 @@ class RecursiveMix(Mixer):
             self._pending = None
         self._history = {"x": x.detach().clone(), "target": soft.detach().clone(), "logits": None}
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         rows, hist = plan.index, self._history
-        x, plan.lam_eff = recursive_mix(x, hist["x"].to(x.device)[rows], plan.extras["box"], self.interpolation)
+        x, lam_eff = recursive_mix(x, hist["x"].to(x.device)[rows], plan.extras["box"], self.interpolation)
         # the labels mix recursively: the pasted rows bring the previous batch's soft targets
-        plan.partner_target = hist["target"][rows.to(hist["target"].device)]
+        plan = replace(plan, lam_eff=lam_eff, partner_target=hist["target"][rows.to(hist["target"].device)])
         if plan.lam_eff < 1.0 and hist["logits"] is not None:
             self._pending = {"box": plan.extras["box"], "lam": plan.lam_eff, "image_size": tuple(x.shape[-2:]),
                              "logits": hist["logits"].to(x.device)[rows]}
-        return x
+        return x, plan
 
     def auxiliary_loss(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The ROI consistency term of this step (None when nothing was pasted or no history logits exist);

@@ -7,6 +7,7 @@ reproductions use).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -60,6 +61,6 @@ class ResizeMix(Mixer):
         y0, x0 = int(self.rng.integers(0, h - ph + 1)), int(self.rng.integers(0, w - pw + 1))
         return MixPlan(0, tau, index, 1.0 - ph * pw / float(h * w), {"box": (y0, y0 + ph, x0, x0 + pw)})
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-        mixed, plan.lam_eff = resizemix(x, plan.index, plan.extras["box"], self.interpolation)
-        return mixed
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
+        mixed, lam_eff = resizemix(x, plan.index, plan.extras["box"], self.interpolation)
+        return mixed, replace(plan, lam_eff=lam_eff)

@@ -15,6 +15,7 @@ close to random.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -182,8 +183,7 @@ class SaliencyMix(Mixer):
         lam = float(self.rng.beta(self.alpha, self.alpha))
         return MixPlan(0, lam, index, lam)
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         mixed, boxes, own = saliencymix(x, plan.index, plan.lam, self.detector, self.per_sample)
-        plan.extras["boxes"] = boxes
-        plan.own_weight, plan.lam_eff = own, float(own.mean())    # one label weight per pair
-        return mixed
+        # one label weight per pair
+        return mixed, replace(plan, own_weight=own, lam_eff=float(own.mean()), extras={**plan.extras, "boxes": boxes})

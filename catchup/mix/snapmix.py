@@ -12,6 +12,7 @@ BatchNorm running statistics also see the clean batch), and are bilinearly upsam
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -107,13 +108,11 @@ class SnapMix(Mixer):
                                f"({classifier.in_features} inputs) does not read after global pooling")
         return class_activation_maps(features, classifier, target, tuple(x.shape[-2:]))
 
-    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    def mix_input(self, x: torch.Tensor, target: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, MixPlan]:
         box, partner_box = plan.extras["box"], plan.extras["partner_box"]
         if box[0] == box[1] or box[2] == box[3] or partner_box[0] == partner_box[1] or partner_box[2] == partner_box[3]:
-            plan.lam_eff = 1.0           # an empty box: the official code leaves the batch unmixed
-            return x
+            return x, replace(plan, lam_eff=1.0)   # an empty box: the official code leaves the batch unmixed
         with torch.no_grad():
             cam = self.cams(x, target)
-        x, plan.own_weight, plan.partner_weight = snapmix(x, cam, plan.index, box, partner_box)
-        plan.lam_eff = float(plan.own_weight.mean())
-        return x
+        x, own, partner = snapmix(x, cam, plan.index, box, partner_box)
+        return x, replace(plan, own_weight=own, partner_weight=partner, lam_eff=float(own.mean()))
