@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from catchup.mix.mixer import Mixer, _check
 from catchup.mix.plan import MixPlan
@@ -89,7 +90,6 @@ class AlignMix(Mixer):
     or 'cosine'). ``mix_layers`` may name other stages; by default: the input and the last stage."""
     name = "alignmix"
     default_alpha = 2.0
-    default_layers = None       # resolved to (input, last feature_info stage) in _resolve_stages
     input_mix = "mixup"
     feature_level = True
 
@@ -98,13 +98,11 @@ class AlignMix(Mixer):
         _check(eps > 0, f"alignmix eps must be > 0, got {eps}")
         _check(int(iters) >= 1, f"alignmix iters must be >= 1, got {iters}")
         _check(cost in COSTS, f"alignmix cost must be one of {', '.join(COSTS)}, got {cost!r}")
-        self.eps, self.iters, self.cost = float(eps), int(iters), cost
         super().__init__(model, **kwargs)
+        self.eps, self.iters, self.cost = float(eps), int(iters), cost
 
-    def _resolve_stages(self, model, layers) -> list[Stage]:
-        if layers is None and model is not None:
-            layers = [0, len(feature_stages(model)) - 1]    # counted only: resolve_stages checks these two
-        return super()._resolve_stages(model, layers)
+    def default_layers(self, model: nn.Module) -> list[int]:
+        return [0, len(feature_stages(model)) - 1]          # the input and the last stage
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         lam = float(self.rng.beta(self.alpha, self.alpha))

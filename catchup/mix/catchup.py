@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from catchup.mix.mixer import Mixer
 from catchup.mix.plan import MixPlan
-from catchup.stages import Stage
+from catchup.stages import Stage, feature_stages
 
 
 def filter_influence(h: torch.Tensor) -> torch.Tensor:
@@ -80,9 +81,11 @@ class CatchUpMix(Mixer):
     """
     name = "catchup"
     default_alpha = 2.0
-    default_layers = None    # every layer: the input and each feature_info stage
     input_mix = "cutmix"
     feature_level = True
+
+    def default_layers(self, model: nn.Module) -> list[int]:
+        return list(range(len(feature_stages(model))))     # the input and every stage
 
     def feature_plan(self, stage: Stage, index: torch.Tensor) -> MixPlan:
         lam = float(self.rng.beta(self.alpha, self.alpha))

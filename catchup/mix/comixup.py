@@ -190,7 +190,6 @@ class CoMixup(Mixer):
     name = "comixup"
     live_model = True
     default_alpha = 2.0
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, *, beta: float = 0.32, gamma: float = 1.0, eta: float = 0.05, thres: float = 0.83,

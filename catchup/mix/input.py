@@ -19,7 +19,6 @@ __all__ = ["InputMixup", "CutMix", "cutmix", "mixup", "rand_box"]
 
 
 class _InputLevel(Mixer):
-    default_layers = (0,)
     modes = ("batch", "elem", "pair")
 
     def gate(self) -> bool:

@@ -24,7 +24,7 @@ from catchup.errors import CatchupError
 from catchup.mix.batch import MixCollate, PlanHandover
 from catchup.mix.ops import cutmix, mixup, rand_box
 from catchup.mix.plan import MixPlan, StageHooks, soft_target
-from catchup.stages import Stage, feature_stages, probe_channels, resolve_stages, unwrap_model
+from catchup.stages import Stage, probe_channels, resolve_stages, unwrap_model
 
 
 MODES = ("batch", "pair", "elem", "half")   # timm.data.Mixup's modes
@@ -57,7 +57,6 @@ class Mixer:
     name = "none"
     default_alpha = 1.0
     default_prob = 1.0
-    default_layers: tuple[int, ...] | None = ()  # layers sampled by default; () = none, None = every layer
     input_mix: str | None = "cutmix"       # layer 0: 'cutmix' or 'mixup'; None = the method's own mix_input
     feature_level = False                  # True: may mix hidden layers through the stage hooks
     live_model = False                     # True: mixing reads the model (saliency, CAMs, history): no collate_fn
@@ -350,22 +349,22 @@ class Mixer:
                             "mix_layers)")
         return mixes
 
+    def default_layers(self, model: nn.Module) -> list[int]:
+        """The layers sampled when none are named (0 = the input, k = the k-th feature_info stage); a method
+        that mixes features overrides it and is given the model."""
+        return [0]
+
     def _resolve_stages(self, model, layers) -> list[Stage]:
-        if layers is None:
-            if self.default_layers is not None and all(k == 0 for k in self.default_layers):
-                return [Stage(0, None, None)] if self.default_layers else []
-        elif len(layers) == 0:
+        if layers is not None and len(layers) == 0:
             raise CatchupError("mix_layers is empty: name at least one layer")
-        elif all(layer in (0, "input") for layer in layers):
+        if self.feature_level and model is None:
+            raise CatchupError(f"method {self.name!r} mixes features: build it with the model")
+        layers = self.default_layers(model) if layers is None else layers
+        if all(layer in (0, "input") for layer in layers):
             return [Stage(0, None, None)]
         if not self.feature_level:
             raise CatchupError(f"method {self.name!r} mixes only the input (layer 0); "
                                f"for hidden layers use 'manifold' or 'catchup'")
-        if model is None:
-            raise CatchupError(f"method {self.name!r} mixes features: build it with the model")
-        if layers is None and self.default_layers is not None:
-            available = len(feature_stages(model))    # counted only: the chosen ones are checked below
-            layers = [k for k in self.default_layers if k < available]
         return resolve_stages(model, layers)
 
 

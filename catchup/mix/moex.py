@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from catchup.mix.mixer import Mixer, _check
 from catchup.mix.plan import MixPlan
@@ -30,14 +31,16 @@ class MoEx(Mixer):
     gives the partner half the weight teaches the model to ignore its own evidence."""
     name = "moex"
     default_prob = 0.25
-    default_layers = (1,)
     input_mix = None           # layer 0 (when asked for) exchanges the moments of the input
     feature_level = True
 
+    def default_layers(self, model: nn.Module) -> list[int]:
+        return [1]              # the stem's output
+
     def __init__(self, model=None, *, lam: float = 0.5, eps: float = 1e-5, **kwargs: Any):
         _check(0.0 <= lam <= 1.0, f"moex lam must be in [0, 1], got {lam}")
-        self.lam, self.eps = float(lam), float(eps)
         super().__init__(model, **kwargs)
+        self.lam, self.eps = float(lam), float(eps)
 
     # the exchange weight is fixed, not drawn from Beta(alpha, alpha)
     def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:

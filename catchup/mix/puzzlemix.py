@@ -202,7 +202,6 @@ class PuzzleMix(Mixer):
     name = "puzzlemix"
     live_model = True
     default_alpha = 1.0
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, *, beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 4,

@@ -69,15 +69,14 @@ class RecursiveMix(Mixer):
     name = "recursivemix"
     live_model = True
     default_alpha = 0.5
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, *, omega: float = 0.5, interpolation: str = "nearest", **kwargs: Any):
         _check(omega >= 0, f"recursivemix omega must be >= 0, got {omega}")
         _check(interpolation in ("nearest", "bilinear", "bicubic", "area"), f"recursivemix interpolation "
                f"{interpolation!r} is not one of nearest, bilinear, bicubic, area")
-        self.omega, self.interpolation = float(omega), interpolation
         super().__init__(model, **kwargs)
+        self.omega, self.interpolation = float(omega), interpolation
         _check(self.alpha <= 1.0, f"recursivemix alpha (timm's --mixup) is the largest pasted area share, in (0, 1]; "
                                   f"got {self.alpha}")
         self._history: dict[str, torch.Tensor | None] = {"x": None, "target": None, "logits": None}

@@ -42,7 +42,6 @@ class ResizeMix(Mixer):
     ``alpha`` is unused: tau is uniform, as in the paper.
     """
     name = "resizemix"
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, *, scale: Sequence[float] = (0.1, 0.8), interpolation: str = "nearest",
@@ -51,8 +50,8 @@ class ResizeMix(Mixer):
                f"resizemix scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
         _check(interpolation in MODES,
                f"resizemix interpolation must be one of {', '.join(MODES)}, got {interpolation!r}")
-        self.scale, self.interpolation = (float(scale[0]), float(scale[1])), interpolation
         super().__init__(model, **kwargs)
+        self.scale, self.interpolation = (float(scale[0]), float(scale[1])), interpolation
 
     def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         h, w = x.shape[-2:]

@@ -171,13 +171,12 @@ class SaliencyMix(Mixer):
     name = "saliencymix"
     default_alpha = 1.0
     default_prob = 0.5
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, *, detector: str = "spectral_residual", per_sample: bool = False, **kwargs: Any):
         _check(detector in DETECTORS, f"saliencymix detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
-        self.detector, self.per_sample = detector, bool(per_sample)
         super().__init__(model, **kwargs)
+        self.detector, self.per_sample = detector, bool(per_sample)
 
     def input_plan(self, x: torch.Tensor, index: torch.Tensor) -> MixPlan:
         lam = float(self.rng.beta(self.alpha, self.alpha))

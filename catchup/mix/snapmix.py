@@ -76,7 +76,6 @@ class SnapMix(Mixer):
     live_model = True
     default_alpha = 1.0
     default_prob = 0.5
-    default_layers = (0,)
     input_mix = None
 
     def __init__(self, model=None, **kwargs: Any):
