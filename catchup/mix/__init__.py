@@ -28,6 +28,17 @@ MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (
     SaliencyMix, ResizeMix, SnapMix, AlignMix, RecursiveMix, PuzzleMix, CoMixup)}
 
 
+def register_mixer(cls: type[Mixer]) -> type[Mixer]:
+    """Make a Mixer subclass known by its ``name`` to ``build_mixer`` and to the recipe key ``mix`` (use it as a
+    class decorator). A method is one small class: see ``Mixer`` for the steps it may define."""
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+        raise CatchupError(f"register_mixer takes a Mixer subclass, got {cls!r}")
+    if MIXERS.get(cls.name, cls) is not cls:
+        raise CatchupError(f"a mixing method named {cls.name!r} is already registered ({MIXERS[cls.name].__name__})")
+    MIXERS[cls.name] = cls
+    return cls
+
+
 def mixer_options(name: str) -> set[str]:
     """The keyword options method ``name`` accepts (its own and the base Mixer's)."""
     cls = _method(name)
@@ -45,7 +56,7 @@ def build_mixer(name: str, model: nn.Module | None = None, **options: Any) -> Mi
     return cls(model, **options)
 
 
-__all__ = ["MIXERS", "build_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "soft_target", "MixCollate",
+__all__ = ["MIXERS", "build_mixer", "register_mixer", "mixer_options", "Mixer", "MixPlan", "StageHooks", "soft_target", "MixCollate",
            "PlannedBatch", "NoMix", "InputMixup", "CutMix",
            "ManifoldMixup", "MoEx", "CatchUpMix", "catchup_mix", "filter_influence", "manifold_mix", "moex",
            "SaliencyMix", "ResizeMix", "SnapMix", "AlignMix", "RecursiveMix", "PuzzleMix", "CoMixup"]

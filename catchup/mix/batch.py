@@ -12,7 +12,7 @@ shared-memory reduction, the plan (a small dataclass) with it.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
@@ -24,10 +24,22 @@ from catchup.errors import CatchupError
 from catchup.stages import unwrap_model
 
 if TYPE_CHECKING:
-    from catchup.mix.mixer import Mixer
     from catchup.mix.plan import MixPlan
 
-__all__ = ["PlannedBatch", "MixCollate", "PlanHandover", "with_plan"]
+__all__ = ["PlannedBatch", "MixCollate", "PlanHandover", "PlanSource", "with_plan"]
+
+
+class PlanSource(Protocol):
+    """What the collate_fn asks of a mixer (``catchup.mix.Mixer`` is one): the data-side half of a step, a
+    model-free copy for worker processes, the number of the batch it last prepared, and timm's off switch."""
+    mixup_enabled: bool
+    batch_number: int
+
+    def prepare(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixPlan | None]:
+        ...
+
+    def for_worker(self) -> PlanSource:
+        ...
 
 
 def _order_keeping_ops() -> frozenset:
@@ -79,7 +91,7 @@ class MixCollate(FastCollateMixup):
     (timm's ``persistent_workers=True`` keeps them for the whole run; rebuild the loader to switch off).
     """
 
-    def __init__(self, mixer: Mixer):    # FastCollateMixup.__init__ is not called: the mixer holds the settings
+    def __init__(self, mixer: PlanSource):   # FastCollateMixup.__init__ is not called: the mixer holds the settings
         self.mixer = mixer
 
     def __getstate__(self) -> dict:

@@ -5,9 +5,17 @@ layer is 0, and otherwise arms the stage hook so the next training forward mixes
 ``mixer.collate`` is the same data-side half as a DataLoader collate_fn returning timm's ``(x, soft_target)``;
 the plan rides on ``x`` to the model (see ``catchup.mix.batch``).
 
-A method is one small class: ``input_plan``/``mix_input`` for its own input mixing, ``feature_plan``/
-``mix_features`` for hidden layers. The probability gate, the partner draw and the soft target (built from
-the plan by ``plan.soft_target``) are shared.
+A method is one small class (``catchup.mix.register_mixer`` makes it a recipe's ``mix``), whose steps are:
+
+- which layers: ``default_layers(model)`` (0 = the input, k = the k-th feature_info stage), or the recipe's;
+- sample: ``input_plan(x, index)`` or ``feature_plan(stage, index)`` return the batch's immutable ``MixPlan``,
+  drawn from ``self.rng`` (the batch's own stream);
+- apply: ``mix_input(x, target, plan) -> (x, plan)`` at the input (the plan returned carries what mixing the
+  images decided, e.g. a box's area), ``mix_features(h, plan)`` on a stage's [B, C, ...] output in the hook;
+- target: ``plan.soft_target`` builds every method's labels from the final plan.
+
+The probability gate and the partner draw are shared; options are constructor keywords, set after the base
+constructor.
 """
 from __future__ import annotations
 
