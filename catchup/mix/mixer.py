@@ -12,7 +12,7 @@ A method is one small class (``catchup.mix.register_mixer`` makes it a recipe's 
   drawn from ``self.rng`` (the batch's own stream);
 - apply: ``mix_input(x, target, plan) -> (x, plan)`` at the input (the plan returned carries what mixing the
   images decided, e.g. a box's area), ``mix_features(h, plan)`` on a stage's [B, C, ...] output in the hook;
-- target: ``plan.soft_target`` builds every method's labels from the final plan.
+- target: ``catchup.mix.plan.soft_target`` builds every method's labels from the final plan.
 
 The probability gate and the partner draw are shared; options are constructor keywords, set after the base
 constructor.
