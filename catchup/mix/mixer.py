@@ -49,18 +49,16 @@ class Mixer:
     - ``prob``: the share of batches mixed (one gate per batch, every method); None = the method's
       ``default_prob``, its authors' from-scratch setting (1 for most; MoEx 0.25, SaliencyMix and SnapMix 0.5).
     - ``mixup_alpha``/``alpha``: lambda ~ Beta(alpha, alpha) of the method (feature layers, input Mixup, the
-      method's own input mixing); ``cutmix_alpha``: lambda of input CutMix; ``cutmix_minmax`` turns CutMix on
-      with timm's min/max boxes.
+      method's own input mixing); timm's ``mixup_alpha=0`` (no Mixup) leaves the method its own alpha.
+      ``cutmix_alpha``: lambda of input CutMix; ``cutmix_minmax`` turns CutMix on with timm's min/max boxes.
     - ``switch_prob``: None (the default) keeps each method's own input mixing. Given (timm's train.py always
       gives it), methods whose input layer is plain Mixup or CutMix (mixup, cutmix, manifold, catchup, alignmix)
       mix the input as timm does: CutMix with probability ``switch_prob`` when both alphas are > 0, else the
       one whose alpha is > 0. Methods with their own input mixing ignore it.
-    - ``mode``: 'batch' (one lambda per batch) for every method; ``mixup`` and ``cutmix`` also offer timm's
-      'elem' (a lambda, a mix and the gate per sample) and 'pair' (per pair of samples that swap with each
-      other). Partners are a random permutation (pairing) rather than timm's flipped batch, so odd batch sizes
-      work; 'half' (a FastCollateMixup option) is not offered.
-    - ``mixup_enabled = False`` (timm's mixup-off switch; ``enabled`` is the same flag): plain smoothed one-hot
-      targets, nothing mixed.
+    - ``mode``: 'batch' for every method; ``mixup`` and ``cutmix`` also offer timm's 'elem' and 'pair'.
+      Partners are a random permutation rather than timm's flipped batch, so odd batch sizes work.
+    - ``seed``: None follows torch's seed at build time (timm's seed + rank); ``mixup_enabled = False`` (timm's
+      off switch; ``enabled`` is the same flag): plain smoothed one-hot targets.
     """
     name = "none"
     default_alpha = 1.0
