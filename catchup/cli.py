@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CatchupError(f"{self.prog}: {message} (see --help)")
+
+
+def user_path(text: str) -> Path:
+    """argparse type of a path argument: `~` expanded also where the shell leaves it (`--output=~/x`, quoted),
+    which would otherwise make a folder literally named `~`."""
+    return Path(os.path.expanduser(text))
 
 
 def run_cli(main: Callable[[], object], interrupted: str = "interrupted") -> None:
