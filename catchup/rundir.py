@@ -171,7 +171,9 @@ def check_output(cfg: TrainConfig, resume: str | bool, overwrite: bool, probe_lo
                            "pass one of them")
     check_writable(out)
     full = Path(os.path.abspath(out))
-    inside = next((p for p in full.parents if _is_run(p)), None)
+    # also where the path really leads: a symlink to another run's checkpoint would otherwise pass
+    real = Path(os.path.realpath(out))
+    inside = next((p for p in (*full.parents, *real.parents) if _is_run(p)), None)
     if inside is not None:
         raise CatchupError(f"--output {out} lies inside the run folder {inside}, which it would damage; choose an "
                            f"--output outside every run folder")

@@ -61,6 +61,8 @@ def place(tmp_path_factory, one_thread) -> dict[str, Path]:
     p["died"].mkdir()
     for name in ("config.yaml", "data_info.json"):
         shutil.copy(run / name, p["died"] / name)
+    p["link"] = root / "link"                               # a symlink to the run's checkpoint
+    p["link"].symlink_to(ckpt, target_is_directory=True)
     p["empty"] = root / "empty"
     p["empty"].mkdir()
     p["file"] = root / "a_file"
@@ -133,6 +135,7 @@ CASES = [
     ("resume-a-home-path", lambda p: ("env", [f"HOME={p['root']}", sys.executable, "train.py", "--config", QUICK,
                                               *TINY, "--output=~/nowhere", "--resume"]), "--resume: /", ()),
     ("output-in-a-checkpoint", lambda p: train("--output", p["ckpt"]), "lies inside the run folder", ("run",)),
+    ("output-through-a-link", lambda p: train("--output", p["link"]), "lies inside the run folder", ("run",)),
     ("output-in-checkpoints", lambda p: train("--output", p["run"] / "checkpoints", "--overwrite"),
      "lies inside the run folder", ("run",)),
     ("overwrite-the-current-folder", lambda p: ("env", ["-C", p["run"], sys.executable, ROOT / "train.py", "--config",
