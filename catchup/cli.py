@@ -65,6 +65,8 @@ def one_line(err: BaseException) -> str | None:
         return text.splitlines()[-1].split("CatchupError: ")[-1]
     if isinstance(err, OSError):         # a corrupt image, a full disk, a file that vanished
         return text.replace("\n", " ") or type(err).__name__
+    if "No space left on device" in text:   # torch's zip writer and safetensors: a RuntimeError or their own type
+        return f"a write failed: {text.splitlines()[-1]}"
     return None
 
 

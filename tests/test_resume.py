@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from catchup.config import load_config
 from catchup.errors import CatchupError
@@ -226,14 +227,21 @@ def test_too_little_free_space_is_refused_before_anything_is_written(straight, t
     assert not out.exists()
 
 
+# what a full disk raises: the OS, safetensors (model.safetensors) its own error type, and torch's zip writer
+# (optimizer.bin) a RuntimeError that reports only a short write
+@pytest.mark.parametrize("full", [OSError(errno.ENOSPC, "No space left on device"),
+                                  SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                  "error 28)"),
+                                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")],
+                         ids=["ENOSPC", "safetensors", "zip-writer"])
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_latest_checkpoint(straight, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, full):
     from accelerate import Accelerator
     original = Accelerator.save_state
 
     def disk_full(self, output_dir=None, **kwargs):
         original(self, output_dir, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise full
 
     out = tmp_path / "disk_full"
     shutil.copytree(straight, out)
