@@ -26,7 +26,7 @@ from catchup.config import load_config
 from catchup.errors import CatchupError
 from catchup.runs import latest_checkpoint
 from catchup.stopping import STOPPED_EXIT_CODE, Stopped
-from tests.helpers import TINY, load_safetensors, run_train
+from tests.helpers import TINY, load_safetensors, run_train, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 11      # 449 digits (a quarter of the training split) in batches of 32, the last one dropped
@@ -225,6 +225,14 @@ def test_too_little_free_space_is_refused_before_anything_is_written(straight, t
     with pytest.raises(CatchupError, match=r"not enough free space for .*full: 3 checkpoints of about"):
         run_train(out)
     assert not out.exists()
+    # --overwrite moves the old run aside on the same disk: its two checkpoints are no room for the new ones
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    monkeypatch.setattr("catchup.resume.Checkpointer.estimated_bytes", lambda self, model, optimizer: 1000)
+    monkeypatch.setattr("catchup.rundir.free_bytes", lambda folder: 2500)
+    with pytest.raises(CatchupError, match=r"not enough free space for .*full: 3 checkpoints of about 1000 bytes"):
+        run_train(out, "--overwrite")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
 # what a full disk raises: the OS, safetensors (model.safetensors) its own error type, and torch's zip writer
