@@ -79,21 +79,24 @@ def place(tmp_path_factory, one_thread) -> dict[str, Path]:
     np.savez(p["plain_npz"], x=np.zeros(3))
     p["images"] = _image_folder(root / "images")
     p["empty_val_image"] = _image_folder(root / "empty_val_image", "val/n01/3.JPEG", b"")
+    p["one_class"] = _image_folder(root / "one_class", None, classes=("n01",))
     return p
 
 
-def _image_folder(root: Path, bad: str = "train/n02/2.JPEG", content: bytes = b"\xff\xd8 this is no image") -> Path:
+def _image_folder(root: Path, bad: str | None = "train/n02/2.JPEG", content: bytes = b"\xff\xd8 this is no image",
+                  classes: tuple[str, ...] = ("n01", "n02")) -> Path:
     """An ImageNet-style folder with one corrupt (or empty) JPEG among good ones."""
     from PIL import Image
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
-        for cls in ("n01", "n02"):
+        for cls in classes:
             folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(4):
                 pixels = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i}.JPEG")
-    (root / bad).write_bytes(content)
+    if bad:
+        (root / bad).write_bytes(content)
     return root
 
 
@@ -170,6 +173,8 @@ CASES = [
     ("zero-byte-validation-image", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["empty_val_image"], "--workers",
                                                            "0", "--eval-every", "1", "--output", p["root"] / "val0"]),
      "n01/3.JPEG", ()),
+    ("one-class-dataset", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["one_class"], "--output",
+                                                  p["root"] / "one"]), "a classifier needs at least 2", ()),
     ("dataset-missing", lambda p: train("--dataset", "cifar10", "--data-dir", p["root"] / "none",
                                         "--output", p["root"] / "c10"), "cifar", ()),
     ("unknown-mixer", lambda p: train("--mix", "catchupp", "--output", p["root"] / "mx"), "unknown mixing method",
