@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from catchup.cli import ArgumentParser, run_cli
+from catchup.cli import ArgumentParser, run_cli, user_path
 from catchup.errors import CatchupError
 from catchup.rundir import check_writable
 from catchup.suites import SUITES, parse_eps, select_suites, short_names
@@ -23,18 +23,18 @@ from catchup.suites import SUITES, parse_eps, select_suites, short_names
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("runs", nargs="*", type=Path, metavar="RUN", help="run folder(s), same as --run")
-    p.add_argument("--run", action="append", type=Path, default=[], help="run folder (repeat for several)")
+    p.add_argument("runs", nargs="*", type=user_path, metavar="RUN", help="run folder(s), same as --run")
+    p.add_argument("--run", action="append", type=user_path, default=[], help="run folder (repeat for several)")
     p.add_argument("--weights", choices=("final", "ema", "both"), default="final",
                    help="final weights, the EMA weights (runs trained with model_ema), or both")
     p.add_argument("--suite", default="all", help=f"comma-separated from {', '.join(SUITES)}, or all")
     p.add_argument("--fgsm-eps", default="4/255", help="comma-separated eps in [0, 1] pixel units (4/255,8/255)")
-    p.add_argument("--corruption-dir", type=Path, help="CIFAR-10/100-C (.npy) or Tiny-ImageNet-C folder")
-    p.add_argument("--ood-dir", action="append", type=Path, default=[],
+    p.add_argument("--corruption-dir", type=user_path, help="CIFAR-10/100-C (.npy) or Tiny-ImageNet-C folder")
+    p.add_argument("--ood-dir", action="append", type=user_path, default=[],
                    help="folder of out-of-distribution images (repeat for several sets)")
-    p.add_argument("--ood-classes", type=Path,
+    p.add_argument("--ood-classes", type=user_path,
                    help="class list restricting the logits (ImageNet-O: WordNet ids or indices, one a line)")
-    p.add_argument("--output", type=Path, help="report folder (default <run>/eval; required for several runs)")
+    p.add_argument("--output", type=user_path, help="report folder (default <run>/eval; required for several runs)")
     p.add_argument("--data-dir", help="dataset folder, when it moved since training")
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")

@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, changes: dict) -> None:
     checkpointer = Checkpointer(accelerator, output, parts, cfg.checkpoint_keep,
                                 after_write=(lambda: tracker.records and tracker.save(output / FILTER_NORMS))
                                 if tracker is not None else None)
-    check_free_space(output, checkpointer.estimated_bytes(model, optimizer), cfg.checkpoint_keep)
+    check_free_space(output, checkpointer.estimated_bytes(model, optimizer), cfg.checkpoint_keep, args.overwrite)
     if args.resume and (candidates := resume_candidates(output, args.resume)):
         checkpointer.choose(candidates, model, optimizer)     # no intact checkpoint: refused before any write
     with _claim_output(accelerator, cfg, args):        # the first write into the run folder

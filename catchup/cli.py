@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CatchupError(f"{self.prog}: {message} (see --help)")
+
+
+def user_path(text: str) -> Path:
+    """argparse type of a path argument: `~` expanded also where the shell leaves it (`--output=~/x`, quoted),
+    which would otherwise make a folder literally named `~`."""
+    return Path(os.path.expanduser(text))
 
 
 def run_cli(main: Callable[[], object], interrupted: str = "interrupted") -> None:
@@ -58,6 +65,8 @@ def one_line(err: BaseException) -> str | None:
         return text.splitlines()[-1].split("CatchupError: ")[-1]
     if isinstance(err, OSError):         # a corrupt image, a full disk, a file that vanished
         return text.replace("\n", " ") or type(err).__name__
+    if "No space left on device" in text:   # torch's zip writer and safetensors: a RuntimeError or their own type
+        return f"a write failed: {text.splitlines()[-1]}"
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from timm.models import push_to_hf_hub, save_for_hf
 from torch import nn
 
-from catchup.cli import ArgumentParser, run_cli
+from catchup.cli import ArgumentParser, run_cli, user_path
 from catchup.config import TrainConfig
 from catchup.data import DataInfo
 from catchup.data.transforms import FIXED_FAMILIES
@@ -88,8 +88,8 @@ def log_model_artifact(wandb_run: Any, model: nn.Module, cfg: TrainConfig, info:
 def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="python -m catchup.export",
                             description="export a run's weights for timm: config.json + model.safetensors")
-    parser.add_argument("run", type=Path, help="run folder (config.yaml, model.safetensors)")
-    parser.add_argument("out", type=Path, help="new folder for the export; load it with "
+    parser.add_argument("run", type=user_path, help="run folder (config.yaml, model.safetensors)")
+    parser.add_argument("out", type=user_path, help="new folder for the export; load it with "
                         "timm.create_model('local-dir:OUT', pretrained=True)")
     parser.add_argument("--ema", action="store_true", help="the EMA weights (runs trained with model_ema)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hugging Face Hub repo "

@@ -75,7 +75,7 @@ class Checkpointer:
                     self.after_write()
                 self._write_manifest(staging)
                 self._publish(step)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:    # OSError, torch's RuntimeError, safetensors' own SafetensorError
             if not _out_of_space(err):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
@@ -242,9 +242,11 @@ def _read_pickle(path: Path) -> Any:
 
 
 def _out_of_space(err: BaseException) -> bool:
-    # torch's zip writer and safetensors report a full disk as RuntimeError text, not as OSError(ENOSPC)
-    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err) or \
-        "file write failed" in str(err)
+    # torch's zip writer and safetensors report a full disk as RuntimeError text, not as OSError(ENOSPC); the zip
+    # writer (optimizer.bin, the parts) only says its write came up short: "inline_container.cc ... unexpected pos"
+    text = str(err)
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or \
+        "file write failed" in text or ("inline_container" in text and "unexpected pos" in text)
 
 
 def write_atomic(path: Path, text: str) -> None:

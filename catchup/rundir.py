@@ -171,7 +171,9 @@ def check_output(cfg: TrainConfig, resume: str | bool, overwrite: bool, probe_lo
                            "pass one of them")
     check_writable(out)
     full = Path(os.path.abspath(out))
-    inside = next((p for p in full.parents if _is_run(p)), None)
+    # also where the path really leads: a symlink to another run's checkpoint would otherwise pass
+    real = Path(os.path.realpath(out))
+    inside = next((p for p in (*full.parents, *real.parents) if _is_run(p)), None)
     if inside is not None:
         raise CatchupError(f"--output {out} lies inside the run folder {inside}, which it would damage; choose an "
                            f"--output outside every run folder")
@@ -244,10 +246,11 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(next(p for p in (full, *full.parents) if p.exists())).free
 
 
-def check_free_space(output: Path, per_checkpoint: int, keep: int) -> None:
+def check_free_space(output: Path, per_checkpoint: int, keep: int, overwrite: bool = False) -> None:
     """Refuse when the disk cannot hold ``keep + 1`` checkpoints (the new one is written before the oldest goes);
-    the checkpoints a resumed run already has are rotated away, so they count as room."""
-    existing = sum(1 for p in (Path(output) / CHECKPOINTS).glob("step_*") if p.is_dir())
+    the checkpoints a resumed run already has are rotated away, so they count as room. Those of a run that
+    ``--overwrite`` moves aside stay on the disk, so they do not."""
+    existing = 0 if overwrite else sum(1 for p in (Path(output) / CHECKPOINTS).glob("step_*") if p.is_dir())
     needed = per_checkpoint * max(1, keep + 1 - existing)
     free = free_bytes(output)
     if free < needed:

@@ -63,7 +63,14 @@ def save_weights(model: nn.Module, path: Path) -> None:
     """timm-loadable safetensors, written to a temporary name and renamed."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
+    try:
+        save_file(state, str(tmp))
+    except Exception as err:  # safetensors reports a full disk as its own error type, not as OSError
+        tmp.unlink(missing_ok=True)
+        if "No space left on device" not in str(err):
+            raise
+        raise CatchupError(f"no space left on the device of {path.parent} while writing {path.name}; the run's "
+                           f"checkpoints are kept: free some space and continue with --resume") from None
     os.replace(tmp, path)
 
 

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from catchup.cli import ArgumentParser, run_cli
+from catchup.cli import ArgumentParser, run_cli, user_path
 from catchup.config import load_config
 from catchup.errors import CatchupError
 from catchup.rundir import latest_checkpoint   # not catchup.runs, which loads torch and timm
@@ -172,11 +172,11 @@ def _add_time(run_dir: Path, wall: float, cpu: float) -> None:
 def parse_args(argv):
     p = ArgumentParser(prog="python -m catchup.sweep", description=__doc__.splitlines()[0],
                        allow_abbrev=False, epilog="Other --key value arguments are recipe overrides for every run.")
-    p.add_argument("-c", "--config", type=Path,
+    p.add_argument("-c", "--config", type=user_path,
                    help="recipe YAML shared by every run (or a grid over recipes: --grid config=a.yaml,b.yaml)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="recipe keys and their values; one run per combination")
-    p.add_argument("--output", required=True, type=Path, help="sweep folder: runs/, logs/, table.*")
+    p.add_argument("--output", required=True, type=user_path, help="sweep folder: runs/, logs/, table.*")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared among the jobs (each gets threads // jobs)")

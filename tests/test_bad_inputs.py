@@ -16,6 +16,7 @@ import torch
 
 import train as train_script
 from catchup.cli import run_cli
+from catchup.errors import CatchupError
 from tests.helpers import run_train, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ def place(tmp_path_factory, one_thread) -> dict[str, Path]:
     p["died"].mkdir()
     for name in ("config.yaml", "data_info.json"):
         shutil.copy(run / name, p["died"] / name)
+    p["link"] = root / "link"                               # a symlink to the run's checkpoint
+    p["link"].symlink_to(ckpt, target_is_directory=True)
     p["empty"] = root / "empty"
     p["empty"].mkdir()
     p["file"] = root / "a_file"
@@ -75,21 +78,25 @@ def place(tmp_path_factory, one_thread) -> dict[str, Path]:
     p["plain_npz"] = root / "plain.npz"
     np.savez(p["plain_npz"], x=np.zeros(3))
     p["images"] = _image_folder(root / "images")
+    p["empty_val_image"] = _image_folder(root / "empty_val_image", "val/n01/3.JPEG", b"")
+    p["one_class"] = _image_folder(root / "one_class", None, classes=("n01",))
     return p
 
 
-def _image_folder(root: Path) -> Path:
-    """An ImageNet-style folder with one corrupt JPEG among good ones."""
+def _image_folder(root: Path, bad: str | None = "train/n02/2.JPEG", content: bytes = b"\xff\xd8 this is no image",
+                  classes: tuple[str, ...] = ("n01", "n02")) -> Path:
+    """An ImageNet-style folder with one corrupt (or empty) JPEG among good ones."""
     from PIL import Image
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
-        for cls in ("n01", "n02"):
+        for cls in classes:
             folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(4):
                 pixels = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i}.JPEG")
-    (root / "train" / "n02" / "2.JPEG").write_bytes(b"\xff\xd8 this is no image")
+    if bad:
+        (root / bad).write_bytes(content)
     return root
 
 
@@ -131,6 +138,7 @@ CASES = [
     ("resume-a-home-path", lambda p: ("env", [f"HOME={p['root']}", sys.executable, "train.py", "--config", QUICK,
                                               *TINY, "--output=~/nowhere", "--resume"]), "--resume: /", ()),
     ("output-in-a-checkpoint", lambda p: train("--output", p["ckpt"]), "lies inside the run folder", ("run",)),
+    ("output-through-a-link", lambda p: train("--output", p["link"]), "lies inside the run folder", ("run",)),
     ("output-in-checkpoints", lambda p: train("--output", p["run"] / "checkpoints", "--overwrite"),
      "lies inside the run folder", ("run",)),
     ("overwrite-the-current-folder", lambda p: ("env", ["-C", p["run"], sys.executable, ROOT / "train.py", "--config",
@@ -162,6 +170,11 @@ CASES = [
                                                         "--output", p["root"] / "img1"]), "2.JPEG", ()),
     ("corrupt-image-in-process", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["images"], "--workers", "0",
                                                          "--output", p["root"] / "img0"]), "2.JPEG", ()),
+    ("zero-byte-validation-image", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["empty_val_image"], "--workers",
+                                                           "0", "--eval-every", "1", "--output", p["root"] / "val0"]),
+     "n01/3.JPEG", ()),
+    ("one-class-dataset", lambda p: ("train.py", [*IMAGENET, "--data-dir", p["one_class"], "--output",
+                                                  p["root"] / "one"]), "a classifier needs at least 2", ()),
     ("dataset-missing", lambda p: train("--dataset", "cifar10", "--data-dir", p["root"] / "none",
                                         "--output", p["root"] / "c10"), "cifar", ()),
     ("unknown-mixer", lambda p: train("--mix", "catchupp", "--output", p["root"] / "mx"), "unknown mixing method",
@@ -335,3 +348,51 @@ def test_argparse_refusal_of_the_torch_scripts_is_one_error_line(capsys, module,
         run_cli(lambda: main(argv))
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {message} (see --help)"]
+
+
+# python -m catchup.sweep: grid mistakes that would run one point twice or put runs where the table never looks
+SWEEP_CASES = [
+    ("grid-output", ["--grid", "output=a,b"], "grid key 'output': each run's folder is set by the sweep"),
+    ("grid-wandb-group", ["--grid", "wandb-group=a,b"], "grid key 'wandb_group': every run of a sweep"),
+    ("grid-repeated-seed", ["--grid", "seed=0,0"], "grid key 'seed' repeats a value: 0,0"),
+    ("grid-seed-0-and-00", ["--grid", "seed=0,00"], "'0' and '00' are the same value"),
+    ("grid-key-twice", ["--grid", "seed=0", "seed=1"], "grid key 'seed' is given twice"),
+    ("grid-momentum-5", ["--grid", "momentum=5"], "'momentum' must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in SWEEP_CASES], ids=[c[0] for c in SWEEP_CASES])
+def test_bad_sweep_gives_one_error_line(tmp_path, capsys, argv, message):
+    from catchup.sweep import main
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: main(["--config", QUICK, *argv, "--output", str(tmp_path / "sweep")]))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "sweep").exists()
+
+
+def test_a_tilde_the_shell_left_is_the_home_folder_in_every_cli(tmp_path, monkeypatch, capsys):
+    """`--output=~/x` (or a quoted ~) reaches the scripts unexpanded: a folder literally named `~` would take the
+    run, and a sweep's own files would land there while its runs (expanded by train.py) went home."""
+    import evaluate
+    from catchup.analysis.__main__ import parse_args as analysis_args
+    from catchup.export import main as export
+    from catchup.sweep import parse_args as sweep_args
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "x").mkdir(parents=True)
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    for name in ("config.yaml", "data_info.json"):          # ~/x holds a run: a plain rerun is refused there
+        (home / "x" / name).write_text("{}\n")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_script.main(["--config", str(ROOT / QUICK), "--output=~/x"]))
+    assert f"error: {home / 'x'} already holds a run" in capsys.readouterr().err
+    assert sweep_args(["--config=~/r.yaml", "--grid", "seed=0", "--output=~/s"])[0].output == home / "s"
+    parsed = evaluate.parse_args(["~/a", "--run=~/b", "--output=~/r"])
+    assert (parsed.run, parsed.output) == ([home / "a", home / "b"], home / "r")
+    assert analysis_args(["filters", "--npz=~/n.npz", "--output=~/f"]).output == str(home / "f")
+    with pytest.raises(CatchupError, match=str(home / "nope")):
+        export(["~/nope", "~/out"])
+    assert list(cwd.iterdir()) == []

@@ -76,3 +76,26 @@ def test_slurm_dry_run_prints_each_nodes_launch_command_for_two_nodes_of_eight_g
         parsed = launch_command_parser().parse_args(argv[2:])   # accelerate itself reads it so
         assert (parsed.num_machines, parsed.num_processes, parsed.machine_rank) == (2, 16, rank)
         assert parsed.training_script == "train.py" and parsed.training_script_args[-2] == "two words"
+
+
+def test_slurm_script_finds_a_run_under_a_tilde_and_refuses_its_own_flags_in_one_line(tmp_path):
+    """The script decides --resume from the run folder: a `~` it left unexpanded would never find the run (every
+    requeue refused as a rerun), and a --resume PATH or --overwrite of the user's would repeat on every requeue."""
+    home = tmp_path / "home"
+    (home / "x").mkdir(parents=True)
+    (home / "x" / "config.yaml").write_text("lr: 0.1\n")
+    env = {**os.environ, "HOME": str(home), "DRY_RUN": "1", "SLURM_NNODES": "1", "GPUS_PER_NODE": "1",
+           "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    env.pop("SLURM_SUBMIT_DIR", None)
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "slurm/train_multinode.sbatch", "configs/quickstart.yaml", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    assert shlex.split(submit("--output=~/x").stdout)[-1] == "--resume"
+    for args, message in ((["--output=~/x", "--overwrite"], "error: --overwrite: train_multinode.sbatch passes "
+                           "--resume itself"), (["--resume=~/x/checkpoints/step_1"], "error: --resume=~/x/checkpoints"),
+                          (["--lrr", "1"], "error: unknown recipe key 'lrr' on the command line")):
+        proc = submit(*args)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message), proc.stderr

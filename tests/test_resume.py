@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from catchup.config import load_config
 from catchup.errors import CatchupError
 from catchup.runs import latest_checkpoint
 from catchup.stopping import STOPPED_EXIT_CODE, Stopped
-from tests.helpers import TINY, load_safetensors, run_train
+from tests.helpers import TINY, load_safetensors, run_train, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 11      # 449 digits (a quarter of the training split) in batches of 32, the last one dropped
@@ -224,16 +225,31 @@ def test_too_little_free_space_is_refused_before_anything_is_written(straight, t
     with pytest.raises(CatchupError, match=r"not enough free space for .*full: 3 checkpoints of about"):
         run_train(out)
     assert not out.exists()
+    # --overwrite moves the old run aside on the same disk: its two checkpoints are no room for the new ones
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    monkeypatch.setattr("catchup.resume.Checkpointer.estimated_bytes", lambda self, model, optimizer: 1000)
+    monkeypatch.setattr("catchup.rundir.free_bytes", lambda folder: 2500)
+    with pytest.raises(CatchupError, match=r"not enough free space for .*full: 3 checkpoints of about 1000 bytes"):
+        run_train(out, "--overwrite")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+# what a full disk raises: the OS, safetensors (model.safetensors) its own error type, and torch's zip writer
+# (optimizer.bin) a RuntimeError that reports only a short write
+@pytest.mark.parametrize("full", [OSError(errno.ENOSPC, "No space left on device"),
+                                  SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                  "error 28)"),
+                                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")],
+                         ids=["ENOSPC", "safetensors", "zip-writer"])
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_latest_checkpoint(straight, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, full):
     from accelerate import Accelerator
     original = Accelerator.save_state
 
     def disk_full(self, output_dir=None, **kwargs):
         original(self, output_dir, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise full
 
     out = tmp_path / "disk_full"
     shutil.copytree(straight, out)

@@ -161,3 +161,30 @@ def test_filter_norm_files_are_checked_before_plotting(tmp_path, grad, message):
                                               "s/grad_norm": grad})
     with pytest.raises(CatchupError, match=message):
         load_filter_norms(path)
+
+
+def test_a_full_disk_writing_the_final_weights_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from safetensors import SafetensorError
+    from torch import nn
+
+    import catchup.runs
+    from catchup.cli import run_cli
+
+    def full(state, filename, metadata=None):      # what safetensors raises on a full disk (not an OSError)
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(catchup.runs, "save_file", full)
+    with pytest.raises(SystemExit) as end:
+        run_cli(lambda: catchup.runs.save_weights(nn.Linear(2, 2), tmp_path / "model.safetensors"))
+    assert end.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: no space left on the device of {tmp_path} while writing model.safetensors; the run's checkpoints are "
+        f"kept: free some space and continue with --resume"]
+    # any other writer that says so (a library's own error type) is one line too, never a traceback
+    with pytest.raises(SystemExit) as end:
+        run_cli(lambda: full({}, tmp_path / "other"))
+    assert end.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: a write failed: Error while serializing: I/O error: No "
+                                                    "space left on device (os error 28)"]

@@ -11,6 +11,7 @@ Outputs go to <first run>/analysis/ unless --output names a folder.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -34,12 +35,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p: argparse.ArgumentParser, many: bool) -> None:
-        p.add_argument("--run", required=True, action="append" if many else "store",
+        p.add_argument("--run", required=True, action="append" if many else "store", type=os.path.expanduser,
                        help="run folder written by train.py" + (" (repeat to compare runs)" if many else ""))
         p.add_argument("--weights", choices=("final", "ema"), default="final")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-        p.add_argument("--data-dir", default=None, help="override the recipe's data_dir")
-        p.add_argument("--output", default=None, help="output folder (default: <run>/analysis)")
+        p.add_argument("--data-dir", default=None, type=os.path.expanduser, help="override the recipe's data_dir")
+        p.add_argument("--output", default=None, type=os.path.expanduser,
+                       help="output folder (default: <run>/analysis)")
         p.add_argument("--seed", type=int, default=0, help="which images/batches and random vectors")
 
     act = commands.add_parser("activations", help="Figure 1a: input, saliency, strongest and weakest filters")
@@ -60,12 +62,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     land.add_argument("--no-2d", action="store_true", help="only the 1-D curves (a grid costs steps^2 losses)")
 
     filt = commands.add_parser("filters", help="Figure 1b: activation norm vs gradient norm from tracker files")
-    filt.add_argument("--npz", required=True, action="append", help="FilterNormTracker.save() output (repeatable)")
+    filt.add_argument("--npz", required=True, action="append", type=os.path.expanduser,
+                      help="FilterNormTracker.save() output (repeatable)")
     filt.add_argument("--labels", nargs="+", default=None, help="one label per --npz (default: parent folder)")
     filt.add_argument("--steps", type=int, default=3, help="recorded steps shown per file, spread evenly")
     filt.add_argument("--stage", action="append", default=None, help="stages to show (default: all)")
     filt.add_argument("--linear", action="store_true", help="linear gradient-norm axis (default: log)")
-    filt.add_argument("--output", default=None, help="output folder (default: the first file's folder)")
+    filt.add_argument("--output", default=None, type=os.path.expanduser,
+                      help="output folder (default: the first file's folder)")
     return parser.parse_args(argv)
 
 
