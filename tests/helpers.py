@@ -2,8 +2,10 @@
 offline run files."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +94,16 @@ def train_step(mixer, model, x, y):
         loss = loss + aux
     loss.backward()
     return xm, soft, loss, aux
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module    # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

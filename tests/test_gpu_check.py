@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from tests.test_benchmarks import load
+from tests.helpers import load_benchmark as load
 
 
 def test_gpu_check_runs_tiny_on_cpu_and_writes_json_and_markdown(tmp_path):

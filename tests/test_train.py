@@ -193,7 +193,7 @@ def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path, recipe, expe
 def test_puzzlemix_two_epochs_on_a_cifar_layout(tmp_path):
     # PuzzleMix needs a square side divisible by 16, which the 8x8 digits are not: a tiny CIFAR-10 in the
     # published pickle layout (4 images per training batch file) stands in.
-    from tests.test_data import write_cifar10
+    from tests.fixtures_data import write_cifar10
     write_cifar10(tmp_path / "cifar10", per_batch=4, n_test=6)
     out = tmp_path / "puzzle"
     run_train(out, "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar10"), "--mix", "puzzlemix",
