@@ -92,7 +92,7 @@ BUGS = [
         ("tests/test_train.py::test_resume_after_max_steps_gives_the_same_weights[0]",)),
     Bug("mixer-state-lost", "the mixer's call count is not restored on resume",
         (("catchup/mix/mixer.py", 'self.calls = int(state["calls"])', "pass"),),
-        ("tests/test_mixers.py::test_state_dict_replays_the_same_plans",
+        ("tests/test_baselines.py::test_state_dict_round_trip_replays[catchup]",
          "tests/test_checkpointer.py::test_load_restores_every_random_stream_and_the_named_parts")),
     Bug("worker-batch-off-by-one", "a DataLoader worker numbers its batches one too far (plan of the next batch)",
         (("catchup/mix/mixer.py", "* worker.num_workers + worker.id", "* worker.num_workers + worker.id + 1"),),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 TINY = ["--model-kwargs", "{width: 4}", "--train-fraction", "0.25", "--batch-size", "32", "--epochs", "2",
@@ -31,6 +32,32 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+class HeadNet(nn.Module):
+    """timm's classifier interface in miniature: feature_info, forward_features, global_pool, forward_head."""
+
+    def __init__(self, num_classes=5, stride=2):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=stride), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=stride), nn.ReLU())
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+        self.fc = nn.Linear(8, num_classes)
+        self.feature_info = [dict(module="a", num_chs=4, reduction=1), dict(module="b", num_chs=6, reduction=stride),
+                             dict(module="c", num_chs=8, reduction=stride ** 2)]
+
+    def forward_features(self, x):
+        return self.c(self.b(self.a(x)))
+
+    def forward_head(self, x):
+        return self.fc(self.global_pool(x))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
 
 
 def reference_keep(h: torch.Tensor, index: torch.Tensor, lam: float) -> list[set[int]]:
