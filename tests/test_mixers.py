@@ -202,13 +202,26 @@ def test_prob_zero_and_disabled_give_plain_targets():
 
 
 def test_odd_batches_and_a_batch_of_one():
+    # A lone sample can only be its own partner: mixing must leave its input, features and label as they are.
+    # Larger odd batches pair through a permutation, and the soft target follows the plan's partners.
     model = TinyNet()
-    mixer = build_mixer("catchup", model, num_classes=5)
+    mixer = build_mixer("catchup", model, num_classes=5, seed=5)
     for b in (1, 3, 7):
         x, y = batch(b=b)
+        with torch.no_grad():
+            clean = model(x)
+        layers = set()
         for _ in range(8):
             xm, target = mixer(x, y)
-            assert model(xm).shape == (b, 5) and target.shape == (b, 5)
+            out = model(xm)
+            plan = mixer.last_plan
+            layers.add(plan.layer)
+            assert sorted(plan.index.tolist()) == list(range(b)) and out.shape == (b, 5)
+            one_hot = torch.eye(5)[y]
+            assert torch.allclose(target, one_hot * plan.lam_eff + one_hot[plan.index] * (1 - plan.lam_eff))
+            if b == 1:
+                assert torch.equal(xm, x) and torch.allclose(out, clean) and torch.equal(target, one_hot)
+        assert len(layers) > 1
 
 
 def test_collate_carries_the_plan_to_the_model():
