@@ -147,16 +147,19 @@ def run_bug(tree: Path, bug: Bug, clean: bool = False) -> dict:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-p", "no:cacheprovider",
                                *bug.tests], cwd=tree, env=env, capture_output=True, text=True, timeout=bug.timeout)
         rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+        # the first assertion line, so a reader sees the tests failed for the bug and not for something else
+        why = next((line[1:].strip() for line in proc.stdout.splitlines() if line.startswith("E ")), "")
     except subprocess.TimeoutExpired:
         rc, tail = None, [f"timed out after {bug.timeout} s"]
+        why = ""
     finally:
         for path, text in patched.items():
             path.write_text(text)
     seconds = time.perf_counter() - start
     # 1: tests failed. 2-5 (interrupted, internal error, usage, nothing collected) say the run itself is wrong.
     caught = "yes" if rc == (0 if clean else 1) else "no"
-    return {"caught": caught, "note": "" if caught == "yes" else f"pytest rc {rc}: {' '.join(tail)}",
-            "seconds": seconds}
+    note = f"pytest rc {rc}: {' '.join(tail)}" if caught != "yes" else "" if clean else why
+    return {"caught": caught, "note": note[:90].replace("|", "\\|"), "seconds": seconds}
 
 
 def copy_tree(dest: Path) -> None:
@@ -197,7 +200,7 @@ def main(argv=None) -> list[dict]:
             row = {"bug": bug.name, **run_bug(tree, bug, args.clean)}
             rows.append(row)
             tests = "<br>".join(t.replace("tests/", "") for t in bug.tests)
-            caught = row["caught"] + (f" ({row['note']})" if row["note"] else "")
+            caught = row["caught"] + (f" (`{row['note']}`)" if row["note"] else "")
             print(f"| {bug.name}: {bug.what} | {tests} | {caught} | {row['seconds']:.1f} |", flush=True)
     missed = [r["bug"] for r in rows if r["caught"] != "yes"]
     if args.clean:
