@@ -13,6 +13,7 @@ caught or does not apply.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -176,6 +177,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this bug (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the bugs and their catching tests")
+    parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--clean", action="store_true",
                         help="run the catching tests on the unpatched copy instead: each must pass there, or a "
                              "'caught' would mean nothing")
@@ -202,6 +204,8 @@ def main(argv=None) -> list[dict]:
             tests = "<br>".join(t.replace("tests/", "") for t in bug.tests)
             caught = row["caught"] + (f" (`{row['note']}`)" if row["note"] else "")
             print(f"| {bug.name}: {bug.what} | {tests} | {caught} | {row['seconds']:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     missed = [r["bug"] for r in rows if r["caught"] != "yes"]
     if args.clean:
         print(f"\n{len(rows) - len(missed)} of {len(rows)} bugs' catching tests pass on the unpatched code")
