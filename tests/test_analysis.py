@@ -179,7 +179,7 @@ def test_tracker_norms_equal_direct_autograd_norms_at_every_stage():
 
 @pytest.mark.parametrize("family, channel_axis", [("swin", 3), ("mambaout", 3), ("vit", 2)])
 def test_tracker_finds_the_channels_of_nhwc_and_token_maps(family, channel_axis):
-    from tests.test_layouts import FAMILIES, create
+    from tests.model_families import FAMILIES, create
     name, kwargs, size, _ = FAMILIES[family]
     model = create(name, kwargs)
     stage = feature_stages(model)[2].module_name
@@ -206,7 +206,7 @@ def test_tracker_finds_the_channels_of_nhwc_and_token_maps(family, channel_axis)
 
 def test_activation_maps_of_an_nhwc_stage_are_drawn_per_channel_and_token_maps_refused():
     from catchup.analysis.activations import activation_figure, stage_output
-    from tests.test_layouts import FAMILIES, create
+    from tests.model_families import FAMILIES, create
     name, kwargs, size, _ = FAMILIES["swin"]
     model = create(name, kwargs).eval()
     stage = feature_stages(model)[2]

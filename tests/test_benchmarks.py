@@ -1,8 +1,6 @@
 """benchmarks/overhead.py end to end on a tiny setting, in process, and its timing/memory helpers."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,17 +8,9 @@ import torch
 
 from catchup import CatchupError
 from catchup.mix import MIXERS
+from tests.helpers import load_benchmark as load
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module    # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def overhead():

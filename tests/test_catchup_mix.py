@@ -1,39 +1,9 @@
 """catchup_mix against an independent slow reference (loops over samples and channels) and a hand example."""
-import math
-
 import pytest
 import torch
 
 from catchup.mix import catchup_mix, filter_influence
-
-
-def reference_keep(h: torch.Tensor, index: torch.Tensor, lam: float) -> list[set[int]]:
-    """Eqs. (4)-(5) written out with Python loops in float64: the channels each sample keeps."""
-    h64 = h.detach().to(torch.float64)
-    batch, channels = h.shape[:2]
-    n_keep = math.floor(lam * channels)
-
-    def influence(sample):
-        norms = [math.sqrt(sum(float(v) ** 2 for v in h64[sample, c].flatten())) for c in range(channels)]
-        total = sum(norms)
-        return [n / total if total > 0 else 0.0 for n in norms]
-
-    kept = []
-    for i in range(batch):
-        own, partner = influence(i), influence(int(index[i]))
-        rfi = [own[c] - partner[c] for c in range(channels)]
-        kept.append(set(sorted(range(channels), key=lambda c: (rfi[c], c))[:n_keep]))
-    return kept
-
-
-def reference_catchup(h: torch.Tensor, index: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """Eq. (6) from the reference keep sets."""
-    h64 = h.detach().to(torch.float64)
-    out = torch.empty_like(h64)
-    for i, keep in enumerate(reference_keep(h, index, lam)):
-        for c in range(h.shape[1]):
-            out[i, c] = h64[i, c] if c in keep else h64[int(index[i]), c]
-    return out, math.floor(lam * h.shape[1]) / h.shape[1]
+from tests.helpers import reference_catchup, reference_keep
 
 
 def random_case(seed, batch, channels, size, self_pairs=False):

@@ -21,7 +21,7 @@ from catchup.compile import PaddedEval, compile_model, compile_regions, is_compi
 from catchup.mix import build_mixer
 from catchup.runs import load_run
 from tests.helpers import load_safetensors, run_train, train_step
-from tests.test_benchmarks import load
+from tests.helpers import load_benchmark as load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REGIONS = ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "final", "global_pool", "fc"]

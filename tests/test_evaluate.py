@@ -24,7 +24,7 @@ from catchup.data import build_datasets
 from catchup.errors import CatchupError
 from catchup.runs import build_model, load_run, save_weights
 from tests.helpers import run_train, wandb_records
-from tests.test_data import write_cifar10
+from tests.fixtures_data import write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

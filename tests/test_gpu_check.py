@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.test_benchmarks import load
+from tests.helpers import load_benchmark as load
 
 
 @pytest.mark.slow

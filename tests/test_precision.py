@@ -8,7 +8,7 @@ import torch
 import catchup.models  # noqa: F401
 from catchup.mix import build_mixer
 from catchup.mix.catchup import catchup_keep_mask, filter_influence
-from tests.test_catchup_mix import reference_keep
+from tests.helpers import reference_keep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

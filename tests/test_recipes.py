@@ -16,7 +16,7 @@ from catchup.data import DataInfo, build_datasets
 from catchup.mix import MIXERS
 from catchup.recipe import make_criterion, make_mixer, make_optimizer, make_scheduler
 from catchup.runs import build_model
-from tests.test_data import write_cifar100, write_fashion, write_image_folders, write_tinyimagenet
+from tests.fixtures_data import write_cifar100, write_fashion, write_image_folders, write_tinyimagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)

@@ -17,8 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from catchup import CatchupError, build_mixer
 from catchup.mix import PlannedBatch
-from tests.helpers import TinyNet
-from tests.test_catchup_mix import reference_catchup
+from tests.helpers import TinyNet, reference_catchup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,6 +12,7 @@ import torch
 
 import catchup.models  # noqa: F401
 from catchup import CatchupError
+from catchup.cli import run_cli
 from catchup.analysis import load_filter_norms
 from catchup.runs import latest_checkpoint, load_run
 from tests.helpers import load_safetensors, run_train, wandb_records
@@ -19,17 +20,26 @@ from tests.helpers import load_safetensors, run_train, wandb_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Measured over seeds 0-2 for every method at these settings (half the digits, two epochs at full lr, one
+# evaluation at the end): eval top-1 28-66 % (chance is 10 %), and the epoch's training loss always fell (by
+# 0.08 to 0.7). A method whose mixed inputs and targets disagree, or that never trains, fails both bounds.
+LEARNS = ("--train-fraction", "0.5", "--warmup-epochs", "0", "--eval-every", "2")
+
+
 @pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "manifold", "moex", "catchup", "saliencymix",
                                     "resizemix", "snapmix", "alignmix", "recursivemix", "comixup"])
-def test_two_epochs_with_each_method(tmp_path, method):
+def test_two_epochs_with_each_method_learn_the_digits(tmp_path, method):
     out = tmp_path / method
-    run_train(out, "--mix", method)
+    run_train(out, "--mix", method, *LEARNS)
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
-    assert all(0 <= float(r["eval_top1"]) <= 100 and float(r["train_loss"]) > 0 for r in rows)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"]), rows
+    assert float(rows[1]["eval_top1"]) > 20.0, rows       # twice chance
     assert (out / "config.yaml").read_text().count(f"mix: {method}") == 1
     results = json.loads((out / "results.json").read_text())
-    assert results["epochs_done"] == 2 and "median_last10_top1" in results
+    assert results["epochs_done"] == 2 and results["last_top1"] == float(rows[1]["eval_top1"])
+    if method != "catchup":     # the weights' format does not depend on the method: checked once
+        return
     # the final weights load into a plain timm model
     model = timm.create_model("preactresnet18", num_classes=10, in_chans=1, width=4)
     timm.models.load_checkpoint(model, str(out / "model.safetensors"))
@@ -125,16 +135,12 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path, monkeypatch):
     assert list(run.tags) == ["test", "digits"]
 
 
-@pytest.mark.slow
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    # Refused before torch loads: in a process of their own, as a user meets them.
     env = {**os.environ, "WANDB_MODE": "disabled"}
     for args, message in [
         (["--config", "configs/quickstart.yaml", "--learning-rate", "0.1"], "did you mean 'lr'"),
         (["--config", "configs/nope.yaml"], "nope.yaml"),
-        (["--config", "configs/quickstart.yaml", "--mix", "catchupp", "--output", str(tmp_path / "x")],
-         "unknown mixing method"),
-        (["--config", "configs/quickstart.yaml", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
-          "--output", str(tmp_path / "y")], "cifar"),
     ]:
         proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                               env=env, timeout=120)
@@ -142,6 +148,22 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
         assert "Traceback" not in proc.stderr
+    # Refused once torch has loaded: here, through the run_cli wrapper train.py's __main__ uses (a process of
+    # their own would spend seconds importing torch again).
+    for args, message in [
+        (["--config", "configs/quickstart.yaml", "--mix", "catchupp", "--output", str(tmp_path / "x")],
+         "unknown mixing method"),
+        (["--config", "configs/quickstart.yaml", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+          "--output", str(tmp_path / "y")], "cifar"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            run_cli(lambda: run_train(Path(args[-1]), *args[2:-2], tiny=False))
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and message in lines[-1], stderr
+        assert len(lines) == 1 and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("recipe,expected", [
@@ -171,7 +193,7 @@ def test_imagenet_recipe_smoke_run_on_a_tiny_image_folder(tmp_path, recipe, expe
 def test_puzzlemix_two_epochs_on_a_cifar_layout(tmp_path):
     # PuzzleMix needs a square side divisible by 16, which the 8x8 digits are not: a tiny CIFAR-10 in the
     # published pickle layout (4 images per training batch file) stands in.
-    from tests.test_data import write_cifar10
+    from tests.fixtures_data import write_cifar10
     write_cifar10(tmp_path / "cifar10", per_batch=4, n_test=6)
     out = tmp_path / "puzzle"
     run_train(out, "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar10"), "--mix", "puzzlemix",
