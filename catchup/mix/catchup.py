@@ -76,10 +76,12 @@ class CatchUpMix(Mixer):
     """Layer k uniform over the input and every feature_info stage (the paper's K = {0..5} on a ResNet).
 
     k == 0: CutMix with lambda ~ Beta(cutmix_alpha, cutmix_alpha). k > 0: lambda ~ Beta(alpha, alpha) and
-    Catch-up Mix at stage k; the label weight is the exact kept share floor(lam * C) / C
-    (``label_lam='sampled'`` uses lambda itself, as the public re-implementations do).
+    Catch-up Mix at stage k; the label weight is the exact kept share floor(lam * C) / C, the project's choice
+    (``label_lam='sampled'`` uses lambda itself, as eq. 3 writes it and the public re-implementations do).
     """
     name = "catchup"
+    # The project's choice: the paper gives no alpha for feature layers but follows AlignMixup's settings (alpha 2);
+    # the public re-implementation draws Beta(1, 1). Both are measured in the README's "Open choices".
     default_alpha = 2.0
     input_mix = "cutmix"
     feature_level = True

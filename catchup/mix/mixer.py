@@ -47,7 +47,8 @@ class Mixer:
     here:
 
     - ``prob``: the share of batches mixed (one gate per batch, every method); None = the method's
-      ``default_prob``, its authors' from-scratch setting (1 for most; MoEx 0.25, SaliencyMix and SnapMix 0.5).
+      ``default_prob``: MoEx 0.25, SaliencyMix and SnapMix 0.5 (their authors' settings), else 1; for CutMix
+      that is the project's choice (its authors: 0.5 on CIFAR), measured in the README's "Open choices".
     - ``mixup_alpha``/``alpha``: lambda ~ Beta(alpha, alpha) of the method (feature layers, input Mixup, the
       method's own input mixing); timm's ``mixup_alpha=0`` (no Mixup) leaves the method its own alpha.
       ``cutmix_alpha``: lambda of input CutMix; ``cutmix_minmax`` turns CutMix on with timm's min/max boxes.
